@@ -1,0 +1,65 @@
+"""Turn (Rollout, TeacherScores) pairs into padded learner tensors, and pick logits at response positions."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.rollout.types import Rollout
+from asyncopd.teacher.types import TeacherScores
+
+
+@dataclass
+class LearnerBatch:
+    input_ids: torch.Tensor  # long [B, L]: prompt + response, right-padded
+    attention_mask: torch.Tensor  # long [B, L]
+    response_index: torch.Tensor  # long [B, T]: position whose logits predict response token t (P + t - 1)
+    est: EstimatorBatch
+    versions: list[int]  # version_start of every sample, for the staleness check
+
+
+def _pad(arrays: list[np.ndarray | None], length: int, fill: float, dtype: torch.dtype) -> torch.Tensor | None:
+    if arrays[0] is None:
+        return None
+    trailing = arrays[0].shape[1:]
+    out = torch.full((len(arrays), length, *trailing), fill, dtype=dtype)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    return out
+
+
+def collate(pairs: list[tuple[Rollout, TeacherScores]], pad_id: int) -> LearnerBatch:
+    rollouts = [r for r, _ in pairs]
+    scores = [s for _, s in pairs]
+    T = max(max(r.num_tokens for r in rollouts), 1)
+    L = max(len(r.prompt_ids) + r.num_tokens for r in rollouts)
+    input_ids = torch.full((len(pairs), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(pairs), L), dtype=torch.long)
+    response_index = torch.zeros((len(pairs), T), dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        seq = np.concatenate([r.prompt_ids, r.response_ids])
+        input_ids[i, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        attention_mask[i, : len(seq)] = 1
+        P = len(r.prompt_ids)
+        response_index[i] = torch.clamp(torch.arange(T) + P - 1, max=L - 1)
+    mask = _pad([np.ones(r.num_tokens, dtype=bool) for r in rollouts], T, False, torch.bool)
+    est = EstimatorBatch(
+        mask=mask,
+        response_ids=_pad([r.response_ids for r in rollouts], T, pad_id, torch.long),
+        old_logprobs=_pad([r.logprobs for r in rollouts], T, 0.0, torch.float32),
+        teacher_token_logprob=_pad([s.token_logprob for s in scores], T, 0.0, torch.float32),
+        teacher_topk_ids=_pad([s.topk_ids for s in scores], T, 0, torch.long),
+        teacher_topk_logprobs=_pad([s.topk_logprobs for s in scores], T, 0.0, torch.float32),
+        mc_ids=_pad([r.mc_ids for r in rollouts], T, 0, torch.long),
+        mc_old_logprobs=_pad([r.mc_logprobs for r in rollouts], T, 0.0, torch.float32),
+        teacher_mc_logprobs=_pad([s.query_logprobs for s in scores], T, 0.0, torch.float32),
+        student_topk_ids=_pad([r.student_topk_ids for r in rollouts], T, 0, torch.long),
+    )
+    return LearnerBatch(input_ids, attention_mask, response_index, est, [r.version_start for r in rollouts])
+
+
+def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:
+    """[B, L, V] logits over the whole sequence -> [B, T, V] logits that predict each response token."""
+    index = response_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return torch.gather(logits, 1, index)

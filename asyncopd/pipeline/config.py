@@ -1,0 +1,14 @@
+from dataclasses import dataclass
+
+
+@dataclass
+class PipelineConfig:
+    """The OPD loop: batch size, length, and the staleness bound k (0 = strict synchronous)."""
+
+    max_staleness: int = 2
+    batch_size: int = 64
+    steps: int = 300
+    eval_every: int = 50
+    eval_prompts: int = 500
+    seed: int = 0
+    time_limit_s: float = 0.0  # stop early after this many seconds of training (0 = no limit)

@@ -1,0 +1,15 @@
+from dataclasses import dataclass
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher scoring service: prefill-only, top-k and per-position query scores."""
+
+    backend: str = "embedded"  # embedded | sglang
+    replicas: int = 1
+    tp: int = 1
+    threads: int = 1
+    host: str = "127.0.0.1"
+    api_key: str = ""
+    wire_dtype: str = "float32"  # float32 | float16: dtype of logprobs on the wire
+    request_timeout_s: float = 300.0
