@@ -19,7 +19,9 @@ class LearnerBatch:
     versions: list[int]  # version_start of every sample, for the staleness check
 
 
-def _pad(arrays: list[np.ndarray | None], length: int, fill: float, dtype: torch.dtype) -> torch.Tensor | None:
+def _pad(
+    arrays: list[np.ndarray | None], length: int, fill: float, dtype: torch.dtype
+) -> torch.Tensor | None:
     if arrays[0] is None:
         return None
     trailing = arrays[0].shape[1:]

@@ -1,0 +1,63 @@
+"""Driver side of the weight sync: the learner broadcasts while every engine receives over HTTP."""
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from asyncopd.rollout.client import SGLangClient
+from asyncopd.weights.config import WeightSyncConfig
+
+GROUP_NAME = "asyncopd_weights"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class WeightSync:
+    """Learner rank 0, engine i rank i + 1: one group, bucketed per-tensor broadcasts (SGLang's protocol)."""
+
+    def __init__(self, cfg: WeightSyncConfig, learner, engines: list[SGLangClient]):
+        self.cfg = cfg
+        self.learner = learner
+        self.engines = engines
+        self.bucket_bytes = int(cfg.bucket_mb * 2**20)
+        self.pool = ThreadPoolExecutor(max_workers=max(len(engines), 1), thread_name_prefix="weight-sync")
+        self.buckets: list[dict] = []
+
+    def init_group(self) -> None:
+        port = self.cfg.master_port or free_port(self.cfg.master_addr)
+        world = len(self.engines) + 1
+        joined = [
+            self.pool.submit(e.init_weights_update_group, master_address=self.cfg.master_addr,
+                             master_port=port, rank_offset=i + 1, world_size=world,
+                             group_name=GROUP_NAME, backend=self.cfg.backend)
+            for i, e in enumerate(self.engines)
+        ]
+        ray.get(self.learner.init_weight_group.remote(self.cfg.master_addr, port, world, GROUP_NAME,
+                                                      self.cfg.backend, self.cfg.timeout_s))
+        for f in joined:
+            f.result()
+        self.buckets = ray.get(self.learner.weight_buckets.remote(self.bucket_bytes))
+
+    def sync(self, version: int) -> float:
+        """Push the learner's current weights as `version`; returns seconds until every engine has them."""
+        t0 = time.perf_counter()
+
+        def receive(engine: SGLangClient) -> None:
+            for bucket in self.buckets:
+                engine.update_weights_from_distributed(**bucket, group_name=GROUP_NAME,
+                                                       weight_version=str(version), flush_cache=True)
+
+        received = [self.pool.submit(receive, e) for e in self.engines]
+        ray.get(self.learner.broadcast_weights.remote(self.bucket_bytes))
+        for f in received:
+            f.result()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
