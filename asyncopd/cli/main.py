@@ -1,0 +1,96 @@
+"""`asyncopd` command line: prepare, train, demo, bench, analyze-estimators, config."""
+
+import argparse
+import sys
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.max_staleness=2 estimator=mc_rkl")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from asyncopd.config.load import load_config, to_yaml
+
+    print(to_yaml(load_config(args.overrides)))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from asyncopd.config.load import load_config
+    from asyncopd.model.prepare import run_prepare
+
+    run_prepare(load_config(args.overrides))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from asyncopd.config.load import load_config
+    from asyncopd.pipeline.runner import run_training
+
+    cfg = load_config(args.overrides)
+    if args.prepare:
+        from asyncopd.model.prepare import run_prepare
+
+        run_prepare(cfg)
+    run_training(cfg)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from asyncopd.bench.pipeline_bench import run_pipeline_bench
+
+    run_pipeline_bench(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="asyncopd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _overrides(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("prepare", help="build tokenizer, teacher and student checkpoints (cached)")
+    _overrides(p)
+    p.set_defaults(func=_cmd_prepare)
+
+    for name, prepare, text in (("train", False, "run on-policy distillation"),
+                                ("demo", True, "prepare (cached) then train: the embedded demo")):
+        p = sub.add_parser(name, help=text)
+        _overrides(p)
+        p.set_defaults(func=_cmd_train, prepare=prepare)
+
+    p = sub.add_parser("bench", help="benchmarks: sync vs async pipeline (default) or estimator memory")
+    bench = p.add_subparsers(dest="bench", required=False)
+    from asyncopd.bench.pipeline_bench import add_arguments as add_pipeline_bench
+
+    add_pipeline_bench(p)
+    p.set_defaults(func=_cmd_bench)
+    try:
+        from asyncopd.bench import estimator_memory
+
+        m = bench.add_parser("memory", help="peak extra memory of each estimator vs one logits tensor")
+        estimator_memory.add_arguments(m)
+        m.set_defaults(func=lambda a: (estimator_memory.run(a), 0)[1])
+    except ImportError:
+        pass
+
+    p = sub.add_parser("analyze-estimators", help="bias/variance of reverse-KL gradient estimators")
+    from asyncopd.estimators import analyze
+
+    analyze.add_arguments(p)
+    p.set_defaults(func=lambda a: (analyze.run(a), 0)[1])
+
+    args = parser.parse_args(argv)
+    from asyncopd.config.load import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"asyncopd: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

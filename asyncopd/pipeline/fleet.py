@@ -1,0 +1,88 @@
+"""The serving side of a run: rollout engines and teacher replicas as Ray actors, and their clients."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+
+from asyncopd.config.schema import Config
+from asyncopd.model.paths import ModelPaths
+from asyncopd.rollout.client import SGLangClient
+from asyncopd.rollout.types import Rollout
+from asyncopd.teacher.client import TeacherClient
+
+
+class VocabularyMismatch(ValueError):
+    pass
+
+
+class Fleet:
+    def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherClient,
+                 teacher_accuracy: float | None):
+        self.cfg = cfg
+        self.actors = actors
+        self.engines = engines
+        self.teacher = teacher
+        self.teacher_accuracy = teacher_accuracy
+        self.pool = ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="rollout")
+
+    @classmethod
+    def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
+        if cfg.rollout.backend == "sglang":
+            from asyncopd.rollout.sglang_launcher import SGLangServerActor as EngineActor
+        else:
+            from asyncopd.rollout.actor import RolloutEngineActor as EngineActor
+        from asyncopd.teacher.actor import TeacherActor
+
+        engine_actors = [EngineActor.options(num_cpus=0).remote(paths.student, cfg.rollout)
+                         for _ in range(cfg.rollout.num_engines)]
+        teacher_actors = [TeacherActor.options(num_cpus=0).remote(paths.teacher, cfg.teacher)
+                          for _ in range(cfg.teacher.replicas)]
+        engine_urls = ray.get([a.start.remote() for a in engine_actors])
+        teacher_urls = ray.get([a.start.remote() for a in teacher_actors])
+        engines = [SGLangClient(u, api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.request_timeout_s)
+                   for u in engine_urls]
+        teacher = TeacherClient(teacher_urls, api_key=cfg.teacher.api_key,
+                                timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
+        prepared = Path(cfg.model.artifacts_dir) / "prepare.json"
+        accuracy = None
+        if not cfg.model.teacher_path and prepared.exists():
+            accuracy = json.loads(prepared.read_text()).get("teacher_accuracy")
+        return cls(cfg, engine_actors + teacher_actors, engines, teacher, accuracy)
+
+    def check_vocabularies(self) -> None:
+        """Refuse to distil across tokenizers: teacher scores index the student's vocabulary."""
+        student = self.engines[0].model_info()
+        for info in self.teacher.model_info():
+            for key in ("vocab_size", "tokenizer_fingerprint"):
+                if student.get(key) != info.get(key):
+                    raise VocabularyMismatch(
+                        f"teacher and student disagree on {key}: student {student.get(key)!r} "
+                        f"({student.get('model_path')}) vs teacher {info.get(key)!r} ({info.get('model_path')}). "
+                        "On-policy distillation needs one shared tokenizer: set model.teacher_path/"
+                        "model.student_path to a pair built with the same tokenizer."
+                    )
+
+    def generate(self, prompts: list[list[int]], *, temperature: float | None = None, mc_samples: int = 0,
+                 student_top_k: int = 0) -> list[Rollout]:
+        """Split the batch evenly across engines and generate the shards concurrently."""
+        r = self.cfg.rollout
+        n = len(self.engines)
+        shards = [prompts[i::n] for i in range(n)]
+        futures = [
+            self.pool.submit(engine.generate, shard, max_new_tokens=r.max_new_tokens,
+                             temperature=r.temperature if temperature is None else temperature,
+                             top_p=r.top_p, mc_samples=mc_samples, student_top_k=student_top_k)
+            for engine, shard in zip(self.engines, shards, strict=True) if shard
+        ]
+        results = [f.result() for f in futures]
+        out: list[Rollout] = [None] * len(prompts)  # type: ignore[list-item]
+        for i, shard in enumerate(results):
+            out[i::n] = shard
+        return out
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False)
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,173 @@
+"""The OPD run: start the fleet, teacher and learner as Ray actors, then drive the stage scheduler."""
+
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from asyncopd.config.load import to_yaml
+from asyncopd.config.ray_cluster import start_ray
+from asyncopd.config.schema import Config
+from asyncopd.config.validate import check_runtime
+from asyncopd.data.task import test_problems, train_problems
+from asyncopd.data.tokenizer import load_tokenizer
+from asyncopd.estimators.base import build as build_estimator
+from asyncopd.learner.actor import LearnerActor
+from asyncopd.learner.collate import collate
+from asyncopd.model.evaluate import score_responses
+from asyncopd.model.paths import resolve_model_paths
+from asyncopd.pipeline.fleet import Fleet
+from asyncopd.pipeline.run_logger import RunLogger
+from asyncopd.pipeline.scheduler import StageTimes, run_stages
+from asyncopd.rollout.types import Rollout
+from asyncopd.teacher.types import TeacherScores
+from asyncopd.weights.sync import WeightSync
+
+
+def make_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.dir or f"runs/{cfg.run.experiment}-{stamp}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+class OPDStages:
+    """The real stage functions the scheduler drives: HTTP rollout, HTTP teacher, Ray learner + sync."""
+
+    def __init__(self, cfg: Config, fleet: Fleet, learner, sync: WeightSync, logger: RunLogger, tokenizer):
+        self.cfg = cfg
+        self.fleet = fleet
+        self.learner = learner
+        self.sync = sync
+        self.logger = logger
+        self.tokenizer = tokenizer
+        self.req = build_estimator(cfg.estimator).requirements(cfg.estimator)
+        self.history: list[dict[str, float]] = []
+        self.staleness: Counter = Counter()
+        self.started = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+
+    def generate(self, s: int) -> list[Rollout]:
+        B = self.cfg.pipeline.batch_size
+        problems = train_problems(self.cfg.task, start=s * B, count=B)
+        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        rollouts = self.fleet.generate(prompts, mc_samples=self.req.mc_samples,
+                                       student_top_k=self.req.student_top_k)
+        for i, (r, p) in enumerate(zip(rollouts, problems, strict=True)):
+            r.ticket = s * B + i
+            r.metadata["answer"] = p.answer
+        return rollouts
+
+    def score(self, s: int, rollouts: list[Rollout]) -> list[tuple[Rollout, TeacherScores]]:
+        scores = self.fleet.teacher.score(rollouts, top_k=self.req.teacher_top_k,
+                                          with_queries=self.req.mc_samples > 0)
+        return list(zip(rollouts, scores, strict=True))
+
+    def learn(self, s: int, pairs: list[tuple[Rollout, TeacherScores]]) -> None:
+        rollouts = [r for r, _ in pairs]
+        batch = collate(pairs, pad_id=self.tokenizer.pad_id)
+        metrics = ray.get(self.learner.train_step.remote(batch))
+        metrics["weights/sync_s"] = self.sync.sync(version=s + 1)
+        lags = Counter({int(k.split("/")[1]): int(v) for k, v in metrics.items() if k.startswith("staleness/")})
+        self.staleness.update(lags)
+        self.samples += len(rollouts)
+        self.tokens += int(sum(r.num_tokens for r in rollouts))
+        elapsed = time.perf_counter() - self.started
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("staleness/")}
+        metrics.update({
+            "rollout/response_len": float(np.mean([r.num_tokens for r in rollouts])),
+            "rollout/sample_accuracy": score_responses(
+                [r.metadata["answer"] for r in rollouts], [r.response_ids for r in rollouts], self.tokenizer),
+            "teacher/bytes_per_token": sum(sc.nbytes for _, sc in pairs) / max(batch.est.mask.sum().item(), 1),
+            "throughput/samples_per_s": self.samples / elapsed,
+            "throughput/tokens_per_s": self.tokens / elapsed,
+            "staleness/max": float(max(lags)),
+            "staleness/mean": float(sum(k * v for k, v in lags.items()) / max(sum(lags.values()), 1)),
+        })
+        self.history.append({"step": s, **metrics})
+        self.logger.step(s, metrics, lags)
+
+
+def evaluate_student(cfg: Config, fleet: Fleet, tokenizer, problems) -> float:
+    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    rollouts = fleet.generate(prompts, temperature=0.0)
+    return score_responses([p.answer for p in problems], [r.response_ids for r in rollouts], tokenizer)
+
+
+def run_training(cfg: Config) -> dict:
+    """The whole run; returns the summary (also written to run_dir/summary.json)."""
+    check_runtime(cfg)
+    paths = resolve_model_paths(cfg.model)
+    run_dir = make_run_dir(cfg)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    start_ray(cfg.cluster, run_dir)
+    logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
+    fleet = Fleet.launch(cfg, paths)
+    try:
+        fleet.check_vocabularies()
+        learner = LearnerActor.options(num_cpus=0).remote(cfg, paths.student)
+        sync = WeightSync(cfg.weights, learner, fleet.engines)
+        sync.init_group()
+        problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
+        acc0 = evaluate_student(cfg, fleet, tokenizer, problems)
+        logger.scalars(0, {"eval/accuracy": acc0})
+        stages = OPDStages(cfg, fleet, learner, sync, logger, tokenizer)
+        evals = [(0, acc0)]
+        eval_time = 0.0
+
+        def after_step(s: int) -> None:
+            nonlocal eval_time
+            step = s + 1
+            if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
+                t0 = time.perf_counter()
+                acc = evaluate_student(cfg, fleet, tokenizer, problems)
+                eval_time += time.perf_counter() - t0
+                evals.append((step, acc))
+                logger.scalars(step, {"eval/accuracy": acc})
+
+        times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step)
+        final = evaluate_student(cfg, fleet, tokenizer, problems)
+        evals.append((cfg.pipeline.steps, final))
+        logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
+        ray.get(learner.save.remote(str(run_dir / "checkpoint")))
+        summary = _summary(cfg, run_dir, times, eval_time, stages, evals, fleet.teacher_accuracy)
+        print(logger.summary(summary))
+        return summary
+    finally:
+        logger.close()
+        fleet.shutdown()
+        ray.shutdown()
+
+
+def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, stages: OPDStages,
+             evals: list[tuple[int, float]], teacher_accuracy: float | None) -> dict:
+    train_wall = times.wall_s - eval_time
+    per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}
+    last = stages.history[-1] if stages.history else {}
+    return {
+        "run_dir": str(run_dir),
+        "estimator": cfg.estimator.name,
+        "max_staleness": cfg.pipeline.max_staleness,
+        "steps": cfg.pipeline.steps,
+        "batch_size": cfg.pipeline.batch_size,
+        "train_wall_s": train_wall,
+        "samples_per_s": stages.samples / max(train_wall, 1e-9),
+        "tokens_per_s": stages.tokens / max(train_wall, 1e-9),
+        "busy_rollout_s": per_role["rollout"],
+        "busy_teacher_s": per_role["teacher"],
+        "busy_learner_s": per_role["learner"],
+        "ideal_speedup": times.ideal_speedup(),
+        "staleness_histogram": dict(sorted(stages.staleness.items())),
+        "max_observed_staleness": max(stages.staleness) if stages.staleness else 0,
+        "initial_accuracy": evals[0][1],
+        "final_accuracy": evals[-1][1],
+        "teacher_accuracy": teacher_accuracy,
+        "accuracy_curve": evals,
+        "final_loss": last.get("loss"),
+    }
+
