@@ -6,17 +6,17 @@ from pathlib import Path
 from asyncopd.config.cluster import ClusterConfig
 
 
-def start_ray(cfg: ClusterConfig, run_dir: str | Path) -> None:
-    """Local: a loopback-only cluster whose session files live under `run_dir/ray`."""
+def start_ray(cfg: ClusterConfig, run_dir: str | Path) -> bool:
+    """Local: a loopback-only cluster whose session files live under `run_dir/ray`. True if we started it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, namespace=cfg.namespace, log_to_driver=True)
-        return
+        return True
     temp_dir = Path(run_dir).resolve() / "ray"
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray.init(
@@ -28,3 +28,4 @@ def start_ray(cfg: ClusterConfig, run_dir: str | Path) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    return True

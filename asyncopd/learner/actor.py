@@ -7,6 +7,8 @@ import ray
 from asyncopd.config.schema import Config
 from asyncopd.learner.build import build_learner
 from asyncopd.learner.collate import LearnerBatch
+from asyncopd.weights.broadcast import bucket_request, send_bucket
+from asyncopd.weights.process_group import init_weights_group
 
 
 @ray.remote
@@ -21,27 +23,18 @@ class LearnerActor:
     def train_step(self, batch: LearnerBatch) -> dict[str, float]:
         return self.learner.train_step(batch)
 
-    def weight_buckets(self, bucket_bytes: int) -> list[dict]:
-        """Names, dtypes and shapes of every bucket, in send order (what each engine is told to expect)."""
-        return [
-            {"names": [n for n, _ in bucket],
-             "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-             "shapes": [list(t.shape) for _, t in bucket]}
-            for bucket in self.learner.named_weights_for_rollout(bucket_bytes)
-        ]
+    def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
+        """The /update_weights_from_distributed payload of every bucket, in send order."""
+        return [bucket_request(bucket, group_name=group_name)
+                for bucket in self.learner.named_weights_for_rollout(bucket_bytes)]
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int,
                           group_name: str, backend: str, timeout_s: float) -> None:
-        from asyncopd.weights.process_group import init_process_group
-
-        self.group = init_process_group(master_address=master_address, master_port=master_port,
-                                        world_size=world_size, rank=0, group_name=group_name,
-                                        backend=backend, timeout_s=timeout_s)
+        self.group = init_weights_group(master_address, master_port, world_size, rank=0,
+                                        group_name=group_name, backend=backend, timeout_s=timeout_s)
 
     def broadcast_weights(self, bucket_bytes: int) -> float:
         """Send every bucket in order; engines receive them through /update_weights_from_distributed."""
-        from asyncopd.weights.broadcast import send_bucket
-
         t0 = time.perf_counter()
         for bucket in self.learner.named_weights_for_rollout(bucket_bytes):
             send_bucket(self.group, [t for _, t in bucket])

@@ -12,6 +12,7 @@ from asyncopd.learner.collate import LearnerBatch, response_logits
 from asyncopd.learner.config import LearnerConfig
 from asyncopd.learner.staleness import check_staleness
 from asyncopd.model.build import load_model
+from asyncopd.weights.broadcast import plan_buckets
 
 _STATE_FILE = "learner_state.pt"
 
@@ -68,17 +69,9 @@ class TorchLearner:
         return metrics
 
     def named_weights_for_rollout(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
-        for name, param in self.model.named_parameters():
-            tensor = param.detach()
-            if bucket and size + tensor.nbytes > bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-            bucket.append((name, tensor))
-            size += tensor.nbytes
-        if bucket:
-            yield bucket
+        params = {name: p.detach() for name, p in self.model.named_parameters()}
+        for names in plan_buckets(params, bucket_bytes):
+            yield [(name, params[name]) for name in names]
 
     def save(self, path: str) -> None:
         out = Path(path)

@@ -105,7 +105,7 @@ def run_training(cfg: Config) -> dict:
     paths = resolve_model_paths(cfg.model)
     run_dir = make_run_dir(cfg)
     tokenizer = load_tokenizer(paths.tokenizer)
-    start_ray(cfg.cluster, run_dir)
+    owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
     fleet = Fleet.launch(cfg, paths)
     try:
@@ -141,7 +141,8 @@ def run_training(cfg: Config) -> dict:
     finally:
         logger.close()
         fleet.shutdown()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
 
 
 def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, stages: OPDStages,

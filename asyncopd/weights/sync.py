@@ -1,6 +1,5 @@
 """Driver side of the weight sync: the learner broadcasts while every engine receives over HTTP."""
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,14 +7,9 @@ import ray
 
 from asyncopd.rollout.client import SGLangClient
 from asyncopd.weights.config import WeightSyncConfig
+from asyncopd.weights.process_group import find_free_port
 
 GROUP_NAME = "asyncopd_weights"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class WeightSync:
@@ -30,7 +24,7 @@ class WeightSync:
         self.buckets: list[dict] = []
 
     def init_group(self) -> None:
-        port = self.cfg.master_port or free_port(self.cfg.master_addr)
+        port = self.cfg.master_port or find_free_port(self.cfg.master_addr)
         world = len(self.engines) + 1
         joined = [
             self.pool.submit(e.init_weights_update_group, master_address=self.cfg.master_addr,
@@ -42,7 +36,7 @@ class WeightSync:
                                                       self.cfg.backend, self.cfg.timeout_s))
         for f in joined:
             f.result()
-        self.buckets = ray.get(self.learner.weight_buckets.remote(self.bucket_bytes))
+        self.buckets = ray.get(self.learner.weight_buckets.remote(self.bucket_bytes, GROUP_NAME))
 
     def sync(self, version: int) -> float:
         """Push the learner's current weights as `version`; returns seconds until every engine has them."""
@@ -50,8 +44,7 @@ class WeightSync:
 
         def receive(engine: SGLangClient) -> None:
             for bucket in self.buckets:
-                engine.update_weights_from_distributed(**bucket, group_name=GROUP_NAME,
-                                                       weight_version=str(version), flush_cache=True)
+                engine.update_weights_from_distributed(**bucket, weight_version=str(version))
 
         received = [self.pool.submit(receive, e) for e in self.engines]
         ray.get(self.learner.broadcast_weights.remote(self.bucket_bytes))

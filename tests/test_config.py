@@ -1,0 +1,57 @@
+"""Config composition, overrides, and clear errors for bad values."""
+
+import pytest
+
+from asyncopd.cli.main import main
+from asyncopd.config.load import ConfigError, load_config
+from asyncopd.config.validate import check_runtime
+
+
+def test_defaults_compose_to_the_embedded_demo():
+    cfg = load_config()
+    assert cfg.run.experiment == "tiny_cpu"
+    assert cfg.rollout.backend == "embedded" and cfg.learner.backend == "torch"
+    assert cfg.pipeline.max_staleness == 2
+
+
+def test_overrides_and_groups():
+    cfg = load_config(["pipeline=sync", "learner.lr=0.01", "rollout.num_engines=2"])
+    assert cfg.pipeline.max_staleness == 0
+    assert cfg.learner.lr == 0.01 and cfg.rollout.num_engines == 2
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("pipeline.max_staleness=-1", "pipeline.max_staleness"),
+        ("pipeline.max_staleness=abc", "pipeline.max_staleness"),
+        ("pipeline.no_such_key=1", "no_such_key"),
+        ("rollout.backend=vllm", "rollout.backend"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("estimator.name=nope", "estimator.name"),
+        ("weights.backend=mpi", "weights.backend"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config([override])
+    assert field in str(e.value)
+
+
+def test_gpu_only_configs_fail_early_on_cpu():
+    for override, needle in (("rollout=sglang", "pip install .[gpu]"), ("learner.fp8=true", "Transformer Engine"),
+                             ("weights.backend=nccl", "weights.backend=gloo")):
+        with pytest.raises(ConfigError, match="") as e:
+            check_runtime(load_config([override]))
+        assert needle in str(e.value)
+
+
+def test_production_experiments_compose():
+    for name in ("qwen3_1p7b_from_30b", "llama_70b"):
+        cfg = load_config([f"experiment={name}"])
+        assert cfg.learner.backend == "megatron" and cfg.rollout.backend == "sglang"
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["config", "pipeline.max_staleness=-3"]) == 2
+    assert "pipeline.max_staleness" in capsys.readouterr().err
