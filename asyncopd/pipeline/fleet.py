@@ -54,15 +54,15 @@ class Fleet:
     def check_vocabularies(self) -> None:
         """Refuse to distil across tokenizers: teacher scores index the student's vocabulary."""
         student = self.engines[0].model_info()
-        for info in self.teacher.model_info():
-            for key in ("vocab_size", "tokenizer_fingerprint"):
-                if student.get(key) != info.get(key):
-                    raise VocabularyMismatch(
-                        f"teacher and student disagree on {key}: student {student.get(key)!r} "
-                        f"({student.get('model_path')}) vs teacher {info.get(key)!r} ({info.get('model_path')}). "
-                        "On-policy distillation needs one shared tokenizer: set model.teacher_path/"
-                        "model.student_path to a pair built with the same tokenizer."
-                    )
+        info = self.teacher.model_info()[0]  # replicas are checked to agree
+        for key in ("vocab_size", "tokenizer_fingerprint"):
+            if student.get(key) != info.get(key):
+                raise VocabularyMismatch(
+                    f"teacher and student disagree on {key}: student {student.get(key)!r} "
+                    f"({student.get('model_path')}) vs teacher {info.get(key)!r} ({info.get('model_path')}). "
+                    "On-policy distillation needs one shared tokenizer: set model.teacher_path/"
+                    "model.student_path to a pair built with the same tokenizer."
+                )
 
     def generate(self, prompts: list[list[int]], *, temperature: float | None = None, mc_samples: int = 0,
                  student_top_k: int = 0) -> list[Rollout]:

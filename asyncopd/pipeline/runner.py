@@ -12,12 +12,12 @@ from asyncopd.config.load import to_yaml
 from asyncopd.config.ray_cluster import start_ray
 from asyncopd.config.schema import Config
 from asyncopd.config.validate import check_runtime
-from asyncopd.data.task import test_problems, train_problems
-from asyncopd.data.tokenizer import load_tokenizer
+from asyncopd.data.task import TrainStream, test_problems
+from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.estimators.base import build as build_estimator
 from asyncopd.learner.actor import LearnerActor
 from asyncopd.learner.collate import collate
-from asyncopd.model.evaluate import score_responses
+from asyncopd.model.evaluate import greedy_accuracy, score_responses
 from asyncopd.model.paths import resolve_model_paths
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.pipeline.run_logger import RunLogger
@@ -45,6 +45,7 @@ class OPDStages:
         self.sync = sync
         self.logger = logger
         self.tokenizer = tokenizer
+        self.stream = TrainStream(cfg.task)  # batch s gets problems [s*B, (s+1)*B): same data in every mode
         self.req = build_estimator(cfg.estimator).requirements(cfg.estimator)
         self.history: list[dict[str, float]] = []
         self.staleness: Counter = Counter()
@@ -54,13 +55,13 @@ class OPDStages:
 
     def generate(self, s: int) -> list[Rollout]:
         B = self.cfg.pipeline.batch_size
-        problems = train_problems(self.cfg.task, start=s * B, count=B)
+        problems = self.stream.take(B)
         prompts = [self.tokenizer.encode(p.prompt) for p in problems]
         rollouts = self.fleet.generate(prompts, mc_samples=self.req.mc_samples,
                                        student_top_k=self.req.student_top_k)
         for i, (r, p) in enumerate(zip(rollouts, problems, strict=True)):
             r.ticket = s * B + i
-            r.metadata["answer"] = p.answer
+            r.metadata["problem"] = p
         return rollouts
 
     def score(self, s: int, rollouts: list[Rollout]) -> list[tuple[Rollout, TeacherScores]]:
@@ -70,7 +71,7 @@ class OPDStages:
 
     def learn(self, s: int, pairs: list[tuple[Rollout, TeacherScores]]) -> None:
         rollouts = [r for r, _ in pairs]
-        batch = collate(pairs, pad_id=self.tokenizer.pad_id)
+        batch = collate(pairs, pad_id=self.tokenizer.pad_token_id)
         metrics = ray.get(self.learner.train_step.remote(batch))
         metrics["weights/sync_s"] = self.sync.sync(version=s + 1)
         lags = Counter({int(k.split("/")[1]): int(v) for k, v in metrics.items() if k.startswith("staleness/")})
@@ -82,7 +83,7 @@ class OPDStages:
         metrics.update({
             "rollout/response_len": float(np.mean([r.num_tokens for r in rollouts])),
             "rollout/sample_accuracy": score_responses(
-                [r.metadata["answer"] for r in rollouts], [r.response_ids for r in rollouts], self.tokenizer),
+                [r.metadata["problem"] for r in rollouts], [r.response_ids for r in rollouts], self.tokenizer),
             "teacher/bytes_per_token": sum(sc.nbytes for _, sc in pairs) / max(batch.est.mask.sum().item(), 1),
             "throughput/samples_per_s": self.samples / elapsed,
             "throughput/tokens_per_s": self.tokens / elapsed,
@@ -93,10 +94,13 @@ class OPDStages:
         self.logger.step(s, metrics, lags)
 
 
-def evaluate_student(cfg: Config, fleet: Fleet, tokenizer, problems) -> float:
-    prompts = [tokenizer.encode(p.prompt) for p in problems]
-    rollouts = fleet.generate(prompts, temperature=0.0)
-    return score_responses([p.answer for p in problems], [r.response_ids for r in rollouts], tokenizer)
+def evaluate_student(fleet: Fleet, tokenizer: CharTokenizer, problems) -> float:
+    """Greedy test accuracy of whatever weights the rollout fleet holds now."""
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        return [r.response_ids.tolist() for r in fleet.generate(prompts, temperature=0.0)]
+
+    return greedy_accuracy(generate, problems, tokenizer, batch_size=len(problems))
 
 
 def run_training(cfg: Config) -> dict:
@@ -104,7 +108,7 @@ def run_training(cfg: Config) -> dict:
     check_runtime(cfg)
     paths = resolve_model_paths(cfg.model)
     run_dir = make_run_dir(cfg)
-    tokenizer = load_tokenizer(paths.tokenizer)
+    tokenizer = CharTokenizer.load(paths.tokenizer)
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
     fleet = Fleet.launch(cfg, paths)
@@ -114,7 +118,7 @@ def run_training(cfg: Config) -> dict:
         sync = WeightSync(cfg.weights, learner, fleet.engines)
         sync.init_group()
         problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
-        acc0 = evaluate_student(cfg, fleet, tokenizer, problems)
+        acc0 = evaluate_student(fleet, tokenizer, problems)
         logger.scalars(0, {"eval/accuracy": acc0})
         stages = OPDStages(cfg, fleet, learner, sync, logger, tokenizer)
         evals = [(0, acc0)]
@@ -125,13 +129,13 @@ def run_training(cfg: Config) -> dict:
             step = s + 1
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
                 t0 = time.perf_counter()
-                acc = evaluate_student(cfg, fleet, tokenizer, problems)
+                acc = evaluate_student(fleet, tokenizer, problems)
                 eval_time += time.perf_counter() - t0
                 evals.append((step, acc))
                 logger.scalars(step, {"eval/accuracy": acc})
 
         times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step)
-        final = evaluate_student(cfg, fleet, tokenizer, problems)
+        final = evaluate_student(fleet, tokenizer, problems)
         evals.append((cfg.pipeline.steps, final))
         logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
         ray.get(learner.save.remote(str(run_dir / "checkpoint")))

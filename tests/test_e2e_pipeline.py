@@ -1,0 +1,69 @@
+"""End to end: Ray actors, HTTP engines and teacher, gloo weight sync, learner; sync and async mode."""
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from asyncopd.config.cluster import ClusterConfig
+from asyncopd.config.load import load_config
+from asyncopd.config.ray_cluster import start_ray
+from asyncopd.data.tokenizer import VOCAB, CharTokenizer
+from asyncopd.pipeline.fleet import VocabularyMismatch
+from asyncopd.pipeline.runner import run_training
+from tests.conftest import make_artifacts
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(tmp_path_factory):
+    start_ray(ClusterConfig(), tmp_path_factory.mktemp("ray"))
+    yield
+    ray.shutdown()
+
+
+def small_run(artifacts: Path, run_dir: Path, *extra: str):
+    return load_config([
+        f"model.artifacts_dir={artifacts}", f"run.dir={run_dir}", "run.progress=false",
+        "pipeline.steps=4", "pipeline.batch_size=8", "pipeline.eval_prompts=16", "pipeline.eval_every=2",
+        "rollout.max_new_tokens=12", *extra,
+    ])
+
+
+def scalars(run_dir: Path) -> dict[str, list]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {t: acc.Scalars(t) for t in tags["scalars"]} | {"_histograms": tags["histograms"]}
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
+    summary = run_training(small_run(tiny_artifacts, tmp_path, f"pipeline.max_staleness={k}"))
+    assert summary["steps"] == 4
+    assert summary["max_observed_staleness"] <= k
+    assert sum(summary["staleness_histogram"].values()) == 4 * 8
+    if k == 0:
+        assert summary["staleness_histogram"] == {0: 32}
+    events = scalars(tmp_path)
+    for tag in ("loss", "eval/accuracy", "throughput/samples_per_s", "weights/sync_s", "staleness/max",
+                "teacher/bytes_per_token", "rollout/response_len"):
+        assert tag in events, tag
+    assert len(events["loss"]) == 4
+    assert [e.step for e in events["eval/accuracy"]] == [0, 2, 4]
+    assert "staleness/histogram" in events["_histograms"]
+    assert (tmp_path / "config.yaml").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+    assert (tmp_path / "checkpoint" / "config.json").exists()
+
+
+def test_vocabulary_mismatch_stops_before_training(tmp_path):
+    student_side = make_artifacts(tmp_path / "a")
+    other = make_artifacts(tmp_path / "b", CharTokenizer((*VOCAB, "*")))
+    cfg = small_run(student_side, tmp_path / "run", f"model.teacher_path={other / 'teacher'}")
+    with pytest.raises(VocabularyMismatch, match="vocab_size"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "summary.json").exists()
