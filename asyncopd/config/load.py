@@ -10,11 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from asyncopd.config.schema import Config
-from asyncopd.config.validate import validate
-
-
-class ConfigError(ValueError):
-    pass
+from asyncopd.config.validate import ConfigError, validate
 
 
 def config_dir() -> Path:

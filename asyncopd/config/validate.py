@@ -3,10 +3,12 @@
 from asyncopd.config.schema import Config
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        from asyncopd.config.load import ConfigError
-
         raise ConfigError(message)
 
 
@@ -35,7 +37,10 @@ def validate(cfg: Config) -> None:
              f"teacher.wire_dtype={t.wire_dtype!r} is unknown: use 'float32' or 'float16'")
     from asyncopd.estimators.base import build
 
-    build(cfg.estimator).requirements(cfg.estimator)  # each estimator validates its own knobs
+    try:
+        build(cfg.estimator).requirements(cfg.estimator)  # each estimator validates its own knobs
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _missing(module: str) -> bool:
