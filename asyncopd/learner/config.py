@@ -15,4 +15,10 @@ class LearnerConfig:
     seed: int = 0
     tp: int = 1
     pp: int = 1
-    fp8: bool = False
+    fp8: bool = False  # FP8 GEMMs through Transformer Engine (megatron backend; megatron_patches.fp8)
+    fp8_recipe: str = "delayed"  # delayed (DelayedScaling) | current (Float8CurrentScaling, per-tensor)
+    fp8_format: str = "hybrid"  # hybrid (E4M3 forward, E5M2 backward) | e4m3
+    fp8_margin: int = 0  # delayed: scale margin (powers of two)
+    fp8_amax_history_len: int = 1024  # delayed: amax history window
+    fp8_amax_compute_algo: str = "max"  # delayed: max | most_recent
+    vocab_divisible_by: int = 128  # megatron: pad the vocabulary to a multiple of this times tp (sliced off)

@@ -47,8 +47,17 @@ class TorchLearner:
         logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return logits.float() / self.temperature
 
+    def _clip_grad_norm(self) -> float:
+        """Clip by the global gradient norm; sharded backends reduce the norm across their ranks."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+
+    def _to_device(self, batch: LearnerBatch) -> LearnerBatch:
+        """Move the batch where the model lives (the embedded learner is CPU-only)."""
+        return batch
+
     def train_step(self, batch: LearnerBatch) -> dict[str, float]:
         t0 = time.perf_counter()
+        batch = self._to_device(batch)
         lags = check_staleness(self.version, batch.versions, self.max_staleness)
         if self.requirements.needs_prox:
             with torch.no_grad():
@@ -59,10 +68,10 @@ class TorchLearner:
         loss, metrics = self.estimator.loss(logits, batch.est, self.estimator_cfg)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = self._clip_grad_norm()
         self.optimizer.step()
         self.version += 1
-        metrics = {**metrics, "grad_norm": float(grad_norm), "tokens": float(batch.est.mask.sum()),
+        metrics = {**metrics, "grad_norm": grad_norm, "tokens": float(batch.est.mask.sum()),
                    "learner_time_s": time.perf_counter() - t0}
         for lag, count in lags.items():
             metrics[f"staleness/{lag}"] = float(count)

@@ -1,0 +1,264 @@
+"""Hugging Face Qwen2ForCausalLM <-> megatron-core GPTModel weights, with tensor-parallel sharding.
+
+Megatron layout (per decoder layer i, prefix `decoder.layers.{i}.`), TP size t, rank r:
+- `self_attention.linear_qkv.weight|bias` column-parallel, rows grouped per KV group g:
+  [q heads of g (np/ng * hn rows) | k_g (hn) | v_g (hn)], g = 0..ng-1; rank r holds groups
+  [r*ng/t, (r+1)*ng/t) - a contiguous dim-0 slice of the interleaved tensor (needs ng % t == 0).
+- `self_attention.linear_proj.weight` (o_proj) row-parallel: dim-1 slice.
+- `mlp.linear_fc1.weight` column-parallel SwiGLU: rank r holds [gate_r ; up_r] (its slice of gate_proj, then
+  its slice of up_proj: megatron's glu splits each rank's output in two halves, silu on the first).
+- `mlp.linear_fc2.weight` (down_proj) row-parallel: dim-1 slice.
+- `input_layernorm.weight`, `pre_mlp_layernorm.weight` (post_attention_layernorm), `decoder.final_layernorm.weight`
+  replicated (Transformer Engine spec: fused into linear_qkv/linear_fc1 as `layer_norm_weight`).
+- `embedding.word_embeddings.weight` (and `output_layer.weight` when untied) vocab-parallel: dim-0 slice of the
+  vocabulary padded to `Qwen2Layout.padded_vocab`; the padding rows are zero and are dropped on export.
+"""
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Qwen2Layout:
+    """The shapes the conversion needs, read from a Hugging Face Qwen2 config."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int  # key/value heads
+    head_dim: int
+    ffn: int
+    vocab: int
+    padded_vocab: int
+    tied: bool
+    eps: float
+    rope_theta: float
+    max_positions: int
+    init_std: float = 0.02
+    attention_dropout: float = 0.0
+
+    @classmethod
+    def from_hf_config(cls, hf_config, tp: int = 1, vocab_divisible_by: int = 128) -> "Qwen2Layout":
+        if getattr(hf_config, "model_type", "qwen2") != "qwen2":
+            raise ValueError("the megatron learner converts Qwen2 checkpoints; "
+                             f"got model_type={hf_config.model_type!r}")
+        if getattr(hf_config, "use_sliding_window", False):
+            raise NotImplementedError("Qwen2 sliding-window attention is not supported by the megatron learner")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act={hf_config.hidden_act!r}: only silu (SwiGLU) is supported")
+        rope = getattr(hf_config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":
+            raise NotImplementedError(f"rope_type={rope_type!r}: only default rotary embeddings are supported")
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        heads = hf_config.num_attention_heads
+        groups = getattr(hf_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        if heads % groups:
+            raise ValueError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
+        if groups % tp:
+            raise ValueError(f"learner.tp={tp} must divide num_key_value_heads={groups} "
+                             "(megatron's split of a KV group across ranks is not supported here)")
+        if hf_config.intermediate_size % tp:
+            raise ValueError(f"learner.tp={tp} must divide intermediate_size={hf_config.intermediate_size}")
+        multiple = max(1, vocab_divisible_by) * tp
+        padded = -(-hf_config.vocab_size // multiple) * multiple
+        return cls(num_layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size, heads=heads,
+                   groups=groups, head_dim=head_dim, ffn=hf_config.intermediate_size, vocab=hf_config.vocab_size,
+                   padded_vocab=padded, tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                   eps=hf_config.rms_norm_eps, rope_theta=float(theta),
+                   max_positions=hf_config.max_position_embeddings,
+                   init_std=getattr(hf_config, "initializer_range", 0.02),
+                   attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)))
+
+
+# ---- QKV interleaving -------------------------------------------------------------------------------------
+
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Qwen2Layout) -> torch.Tensor:
+    """HF q/k/v (weights [rows, h] or biases [rows]) -> megatron's per-group [q.., k, v] rows."""
+    ng, hn, per = layout.groups, layout.head_dim, layout.heads // layout.groups
+    rest = q.shape[1:]
+    parts = [q.reshape(ng, per * hn, *rest), k.reshape(ng, hn, *rest), v.reshape(ng, hn, *rest)]
+    return torch.cat(parts, dim=1).reshape(ng * (per + 2) * hn, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, layout: Qwen2Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of interleave_qkv (on the full, unsharded tensor)."""
+    ng, hn, per = layout.groups, layout.head_dim, layout.heads // layout.groups
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(ng, (per + 2) * hn, *rest)
+    q, k, v = torch.split(grouped, [per * hn, hn, hn], dim=1)
+    return (q.reshape(ng * per * hn, *rest), k.reshape(ng * hn, *rest), v.reshape(ng * hn, *rest))
+
+
+# ---- per-parameter rules ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Rule:
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str  # replicated | vocab | qkv | fc1 | row
+
+
+def _rules(layout: Qwen2Layout, norms_fused: bool) -> list[_Rule]:
+    rules = [_Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
+    for i in range(layout.num_layers):
+        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+        attn_norm = "self_attention.linear_qkv.layer_norm_weight" if norms_fused else "input_layernorm.weight"
+        mlp_norm = "mlp.linear_fc1.layer_norm_weight" if norms_fused else "pre_mlp_layernorm.weight"
+        rules += [
+            _Rule(m + attn_norm, (h + "input_layernorm.weight",), "replicated"),
+            _Rule(m + "self_attention.linear_qkv.weight",
+                  tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
+            _Rule(m + "self_attention.linear_qkv.bias", tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv"),
+            _Rule(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
+            _Rule(m + mlp_norm, (h + "post_attention_layernorm.weight",), "replicated"),
+            _Rule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
+            _Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
+        ]
+    rules.append(_Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+    if not layout.tied:
+        rules.append(_Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
+def name_map(layout: Qwen2Layout, norms_fused: bool = False) -> dict[str, tuple[str, ...]]:
+    """megatron parameter name -> the HF names it holds (local spec; norms_fused=True: Transformer Engine spec)."""
+    return {r.megatron: r.hf for r in _rules(layout, norms_fused)}
+
+
+def _shard(rule: _Rule, hf: list[torch.Tensor], layout: Qwen2Layout, rank: int, tp: int) -> torch.Tensor:
+    if rule.kind == "replicated":
+        return hf[0]
+    if rule.kind == "vocab":
+        full = hf[0]
+        if full.shape[0] != layout.vocab:
+            raise ValueError(f"{rule.hf[0]}: {full.shape[0]} rows, expected vocab_size={layout.vocab}")
+        padded = full.new_zeros(layout.padded_vocab, *full.shape[1:])
+        padded[: layout.vocab] = full
+        return padded.chunk(tp, dim=0)[rank]
+    if rule.kind == "qkv":
+        return interleave_qkv(*hf, layout).chunk(tp, dim=0)[rank]
+    if rule.kind == "fc1":
+        gate, up = hf
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    if rule.kind == "row":
+        return hf[0].chunk(tp, dim=1)[rank]
+    raise AssertionError(rule.kind)
+
+
+def _unshard(rule: _Rule, shards: list[torch.Tensor], layout: Qwen2Layout) -> list[torch.Tensor]:
+    if rule.kind == "replicated":
+        return [shards[0]]
+    if rule.kind == "vocab":
+        return [torch.cat(shards, dim=0)[: layout.vocab]]
+    if rule.kind == "qkv":
+        return list(split_qkv(torch.cat(shards, dim=0), layout))
+    if rule.kind == "fc1":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    if rule.kind == "row":
+        return [torch.cat(shards, dim=1)]
+    raise AssertionError(rule.kind)
+
+
+def _norms_fused(param_names) -> bool:
+    return any(n.endswith("layer_norm_weight") for n in param_names)
+
+
+# ---- HF -> megatron -----------------------------------------------------------------------------------------
+
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], layout: Qwen2Layout,
+                   tp_rank: int = 0, tp_size: int = 1, norms_fused: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, this rank's shard) for every parameter; `hf_state` is a dict or a name -> tensor loader."""
+    get = hf_state.__getitem__ if isinstance(hf_state, Mapping) else hf_state
+    for rule in _rules(layout, norms_fused):
+        yield rule.megatron, _shard(rule, [get(n) for n in rule.hf], layout, tp_rank, tp_size)
+
+
+@torch.no_grad()
+def load_hf_into_megatron(model: torch.nn.Module, hf_state, layout: Qwen2Layout, tp_rank: int = 0,
+                          tp_size: int = 1) -> None:
+    """Copy an HF state (dict or loader) into the GPTModel's local shards; every parameter must be covered."""
+    params = dict(model.named_parameters())
+    seen = set()
+    for name, shard in hf_to_megatron(hf_state, layout, tp_rank, tp_size, _norms_fused(params)):
+        if name not in params:
+            raise KeyError(f"GPTModel has no parameter {name!r} (has {sorted(params)[:6]}...)")
+        if params[name].shape != shard.shape:
+            raise ValueError(f"{name}: shard {tuple(shard.shape)} does not fit parameter {tuple(params[name].shape)}")
+        params[name].copy_(shard)
+        seen.add(name)
+    missing = set(params) - seen
+    if missing:
+        raise KeyError(f"no HF weights for GPTModel parameters {sorted(missing)}")
+
+
+def hf_tensor_loader(model_path: str | Path) -> Callable[[str], torch.Tensor]:
+    """name -> tensor from a HF checkpoint dir (model.safetensors or a sharded index), read lazily per tensor."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    if (path / HF_INDEX).exists():
+        weight_map = json.loads((path / HF_INDEX).read_text())["weight_map"]
+        files = {name: path / f for name, f in weight_map.items()}
+    elif (path / HF_WEIGHTS).exists():
+        files = None
+    else:
+        raise FileNotFoundError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX}; not a Hugging Face checkpoint")
+
+    def load(name: str) -> torch.Tensor:
+        file = path / HF_WEIGHTS if files is None else files.get(name)
+        if file is None:
+            raise KeyError(f"{path}: checkpoint has no tensor {name!r}")
+        with safe_open(str(file), framework="pt") as f:
+            if name not in f.keys():
+                raise KeyError(f"{path}: checkpoint has no tensor {name!r}")
+            return f.get_tensor(name).float()
+
+    return load
+
+
+# ---- megatron -> HF -----------------------------------------------------------------------------------------
+
+def merge_megatron_shards(shards: list[Mapping[str, torch.Tensor]], layout: Qwen2Layout) -> dict[str, torch.Tensor]:
+    """Per-rank megatron state dicts (index = TP rank) -> the full HF state dict (offline, no communication)."""
+    fused = _norms_fused(shards[0])
+    out = {}
+    for rule in _rules(layout, fused):
+        for hf_name, tensor in zip(rule.hf, _unshard(rule, [s[rule.megatron] for s in shards], layout), strict=True):
+            out[hf_name] = tensor.contiguous()
+    return out
+
+
+@torch.no_grad()
+def gather_hf_weights(model: torch.nn.Module, tp_group=None, layout: Qwen2Layout | None = None,
+                      grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every HF parameter (no lm_head when tied), gathered across `tp_group`.
+
+    Collective: every rank of the TP group must iterate it to the end, in step. `layout` defaults to the one
+    the megatron learner attaches to the model (`model.hf_layout`). grads=True gathers `.grad` instead (zeros
+    where a parameter has none), under the same names: for checking gradients against a HF model.
+    """
+    layout = layout or model.hf_layout
+    tp = 1 if tp_group is None or not dist.is_initialized() else dist.get_world_size(tp_group)
+    params = dict(model.named_parameters())
+    for rule in _rules(layout, _norms_fused(params)):
+        param = params[rule.megatron]
+        local = param.detach() if not grads else (param.grad if param.grad is not None else torch.zeros_like(param))
+        if tp == 1 or rule.kind == "replicated":
+            shards = [local]
+        else:
+            local = local.contiguous()
+            shards = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(shards, local, group=tp_group)
+        for hf_name, tensor in zip(rule.hf, _unshard(rule, shards, layout), strict=True):
+            yield hf_name, tensor.contiguous()  # with tp=1 may share memory with the parameter, like the base

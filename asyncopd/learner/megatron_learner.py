@@ -1,0 +1,269 @@
+"""The megatron-core learner: the student as a GPTModel (tensor parallel), behind the Learner protocol.
+
+One process per TP rank; every rank runs the same train_step on the same batch (the pipeline feeds them all),
+so the loss, the logits and the replicated weights agree on every rank. It reuses TorchLearner.train_step
+(prox recompute, estimator, clip, AdamW step) and replaces the model, the forward, the gradient-norm clip
+(global across TP ranks), the weight export (gathered, Hugging Face names) and checkpointing.
+On CPU (no CUDA) megatron_patches makes megatron-core run with gloo; with a GPU the model and the batch live on
+the local CUDA device and the default process group is NCCL.
+"""
+
+import dataclasses
+import datetime
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import megatron_patches
+from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.learner.collate import LearnerBatch
+from asyncopd.learner.config import LearnerConfig
+from asyncopd.learner.megatron_convert import (
+    HF_WEIGHTS,
+    Qwen2Layout,
+    gather_hf_weights,
+    hf_tensor_loader,
+    load_hf_into_megatron,
+)
+from asyncopd.learner.torch_learner import TorchLearner
+from megatron_patches.fp8 import fp8_context, require_transformer_engine
+
+_STATE_FILE = "learner_state.rank{rank}.pt"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
+    """Bring up torch.distributed (a 1-rank group when nothing started it) and megatron's TP groups.
+
+    Returns True when it started the default process group itself (tp=1, single process)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    megatron_patches.apply()
+    if pp != 1:
+        raise NotImplementedError(f"learner.pp={pp}: the megatron learner supports pipeline parallel size 1 only")
+    created = not dist.is_initialized()
+    if created:
+        if tp != 1:
+            raise RuntimeError(f"learner.tp={tp} needs {tp} processes in an initialised torch.distributed group "
+                               "(one per TP rank); only tp=1 can start its own group")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=10))
+    world = dist.get_world_size()
+    if world != tp * pp:
+        raise ValueError(f"torch.distributed world size {world} != learner.tp * learner.pp = {tp * pp}; "
+                         "data parallelism is not supported by the megatron learner")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return created
+
+
+def build_gpt_model(layout: Qwen2Layout, tp: int, use_te: bool = False) -> torch.nn.Module:
+    """A GPTModel matching Qwen2 (RMSNorm, SwiGLU, RoPE, QKV bias, no other bias), fp32, full-vocab output."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    config = TransformerConfig(
+        num_layers=layout.num_layers, hidden_size=layout.hidden, num_attention_heads=layout.heads,
+        num_query_groups=layout.groups, kv_channels=layout.head_dim, ffn_hidden_size=layout.ffn,
+        normalization="RMSNorm", layernorm_epsilon=layout.eps, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
+        hidden_dropout=0.0, attention_dropout=layout.attention_dropout, init_method_std=layout.init_std,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True, params_dtype=torch.float32,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False,
+        use_cpu_initialization=not on_gpu,
+    )
+    spec = (get_gpt_layer_with_transformer_engine_spec() if use_te
+            else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    model = GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=layout.padded_vocab,
+        max_sequence_length=layout.max_positions, pre_process=True, post_process=True,
+        parallel_output=False,  # the output layer gathers the vocab shards: [b, s, padded_vocab] on every rank
+        share_embeddings_and_output_weights=layout.tied, position_embedding_type="rope",
+        rotary_percent=1.0, rotary_base=layout.rope_theta,
+    )
+    model.hf_layout = layout
+    return model.cuda() if on_gpu else model
+
+
+def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 1/0 padding mask -> megatron's bool [B, 1, L, L] mask (True = masked): causal and key padding."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    return (~allowed).unsqueeze(1)
+
+
+class _TPClipAdamW(torch.optim.AdamW):
+    """AdamW that first clips gradients by their global norm across the TP group (sharded params counted once
+    per shard, replicated ones once) - torch's clip_grad_norm_ over local shards would differ per rank."""
+
+    def __init__(self, params, max_norm: float, tp_group, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.tp_group = tp_group
+        self.last_grad_norm = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.last_grad_norm = float(clip_grad_norm_tp(
+            [p for group in self.param_groups for p in group["params"]], self.max_norm, self.tp_group))
+        return super().step(closure)
+
+
+@torch.no_grad()
+def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (L2) over the full model, when `params` are this rank's TP shards."""
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    grads = [p.grad for p in params if p.grad is not None]
+    # a TP-sharded parameter's shards are disjoint (count every rank's); a replicated one is counted on rank 0 only
+    counted = [p.grad for p in params
+               if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or rank == 0)]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g in counted:
+        sq += g.detach().double().pow(2).sum()
+    if tp > 1:
+        dist.all_reduce(sq, group=tp_group)
+    total = sq.sqrt().float()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _to_device(batch: LearnerBatch, device: torch.device) -> LearnerBatch:
+    if device.type == "cpu":
+        return batch
+    est = dataclasses.replace(batch.est, **{
+        f.name: getattr(batch.est, f.name).to(device) for f in dataclasses.fields(batch.est)
+        if isinstance(getattr(batch.est, f.name), torch.Tensor)})
+    return dataclasses.replace(batch, input_ids=batch.input_ids.to(device),
+                               attention_mask=batch.attention_mask.to(device),
+                               response_index=batch.response_index.to(device), est=est)
+
+
+class MegatronLearner(TorchLearner):
+    def __init__(self, cfg: LearnerConfig, estimator_cfg: EstimatorConfig, model_path: str,
+                 max_staleness: int, temperature: float = 1.0):
+        require_transformer_engine(cfg)  # fail before any process group or model is built
+        # The base's train_step clips with torch's clip_grad_norm_ over this rank's shards, which differs per TP
+        # rank; so self.cfg carries grad_clip=inf (that clip is then a no-op) and the optimizer below clips by the
+        # global norm across the TP group with the configured learner.grad_clip.
+        super().__init__(dataclasses.replace(cfg, grad_clip=float("inf")), estimator_cfg, model_path,
+                         max_staleness, temperature)
+        self.optimizer = _TPClipAdamW(
+            [p for p in self.model.parameters() if p.requires_grad], max_norm=cfg.grad_clip,
+            tp_group=self.tp_group, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+        )
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    def _build_model(self, model_path: str) -> torch.nn.Module:
+        import transformers
+        from megatron.core import parallel_state
+
+        cfg = self.cfg
+        if not (Path(model_path) / "config.json").exists():
+            raise FileNotFoundError(f"{model_path}: no config.json; not a Hugging Face checkpoint "
+                                    "(run `asyncopd prepare` first)")
+        self._owns_process_group = init_parallel(cfg.tp, cfg.pp, cfg.seed)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
+        self.layout = Qwen2Layout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
+        model = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
+        load_hf_into_megatron(model, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
+        model.train()
+        return model
+
+    def _forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
+        """[B, L, V] full-vocabulary logits (gathered across TP, vocab padding dropped) / temperature."""
+        input_ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        # right padding: real tokens sit at 0..n-1, so plain positions match HF's
+        position_ids = torch.arange(input_ids.shape[1], device=self.device).unsqueeze(0).expand_as(input_ids)
+        with fp8_context(self.cfg):
+            logits = self.model(input_ids=input_ids, position_ids=position_ids,
+                                attention_mask=attention_mask_for(mask))
+        return logits[..., : self.layout.vocab].float() / self.temperature
+
+    def train_step(self, batch: LearnerBatch) -> dict[str, float]:
+        metrics = super().train_step(_to_device(batch, self.device))
+        metrics["grad_norm"] = self.optimizer.last_grad_norm  # the base reports the unclipped local norm
+        return metrics
+
+    def close(self) -> None:
+        """Tear down megatron's parallel state, and the process group if this learner started it."""
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    # ---- weights out ----------------------------------------------------------------------------------------
+    def named_weights_for_rollout(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full weights under HF names, bucketed like the base. Collective: every TP rank must consume it."""
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in gather_hf_weights(self.model, self.tp_group, self.layout):
+            if bucket and size + tensor.nbytes > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append((name, tensor))
+            size += tensor.nbytes
+        if bucket:
+            yield bucket
+
+    def save(self, path: str) -> None:
+        """HF checkpoint (rank 0: config.json + model.safetensors) + per-rank optimizer state. Collective."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {name: t.detach().cpu().clone() for name, t in gather_hf_weights(self.model, self.tp_group,
+                                                                                      self.layout)}
+        if dist.get_rank() == 0:
+            self.hf_config.save_pretrained(out)
+            save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
+        torch.save({"version": self.version, "tp": self.cfg.tp, "optimizer": self.optimizer.state_dict()},
+                   out / _STATE_FILE.format(rank=self.tp_rank))
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Resume weights, optimizer (this rank's shard) and version."""
+        state_file = Path(path) / _STATE_FILE.format(rank=self.tp_rank)
+        if not state_file.exists():
+            raise FileNotFoundError(f"{path} is not a megatron learner checkpoint: {state_file.name} is missing")
+        state = torch.load(state_file, weights_only=False, map_location=self.device)
+        if state.get("tp") != self.cfg.tp:
+            raise ValueError(f"{path} was saved with learner.tp={state.get('tp')}, this learner has tp={self.cfg.tp}")
+        load_hf_into_megatron(self.model, hf_tensor_loader(path), self.layout, self.tp_rank, self.cfg.tp)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])

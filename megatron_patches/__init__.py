@@ -1,0 +1,39 @@
+"""Small, named patches that let megatron-core 0.16.1 run GPTModel forward/backward on the CPU with gloo.
+
+`apply()` applies each patch only when no CUDA GPU is present, checks the megatron-core version first (the
+patches touch private internals: see each module's docstring for why it exists) and is idempotent.
+With a GPU it does nothing: megatron-core's own CUDA code paths are used unchanged.
+
+    import megatron_patches
+    megatron_patches.apply()   # before building megatron models
+
+`megatron_patches.fp8` holds the FP8 switch (`fp8_context(cfg)`), which needs Transformer Engine.
+"""
+
+import torch
+
+from megatron_patches import cpu_current_device, cpu_rng_tracker
+from megatron_patches._version import PINNED_VERSION, MegatronVersionError, check_megatron_version
+
+PATCHES = (cpu_current_device, cpu_rng_tracker)
+
+__all__ = ["PATCHES", "PINNED_VERSION", "MegatronVersionError", "apply", "applied", "check_megatron_version"]
+
+
+def apply(cuda_available: bool | None = None, strict_version: bool = True) -> list[str]:
+    """Apply every patch whose condition holds; returns the names in effect afterwards.
+
+    `cuda_available` defaults to `torch.cuda.is_available()`; passing it is for tests of the conditions.
+    With `strict_version=False` a different megatron-core version only warns.
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not any(patch.should_apply(cuda_available) for patch in PATCHES):
+        return []
+    check_megatron_version(strict=strict_version)
+    return [patch.NAME for patch in PATCHES if patch.apply(cuda_available)]
+
+
+def applied() -> list[str]:
+    """Names of the patches currently in effect in this process."""
+    return [patch.NAME for patch in PATCHES if patch.is_applied()]

@@ -1,0 +1,163 @@
+"""MegatronLearner on CPU (real megatron-core GPTModel, real gloo): the same logits, weights and optimizer step as
+the Hugging Face model / TorchLearner, at TP=1 (in this process) and TP=2 (two spawned ranks)."""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("megatron.core")
+
+from asyncopd.estimators.config import EstimatorConfig  # noqa: E402
+from asyncopd.learner.collate import LearnerBatch, collate  # noqa: E402
+from asyncopd.learner.config import LearnerConfig  # noqa: E402
+from asyncopd.rollout.types import Rollout  # noqa: E402
+from asyncopd.teacher.types import TeacherScores  # noqa: E402
+
+VOCAB = 19
+ESTIMATOR = EstimatorConfig(name="forward_kl", top_k=4)
+
+
+def make_checkpoint(path: Path) -> Path:
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random q/k/v biases (HF initialises them to zero) so the QKV bias mapping is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def make_batch(seed: int = 1) -> LearnerBatch:
+    """Three right-padded samples of different prompt/response lengths, teacher top-4 over a random teacher."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for P, T in ((3, 4), (2, 6), (5, 2)):
+        teacher = torch.log_softmax(torch.from_numpy(rng.normal(size=(T, VOCAB)) * 2), -1).float()
+        top = teacher.topk(4, dim=-1)
+        response = rng.integers(1, VOCAB, T).astype(np.int32)
+        pairs.append((
+            Rollout(prompt_ids=rng.integers(1, VOCAB, P).astype(np.int32), response_ids=response,
+                    logprobs=np.full(T, -1.0, np.float32), version_start=0, version_end=0, finish_reason="stop"),
+            TeacherScores(topk_ids=top.indices.numpy().astype(np.int32), topk_logprobs=top.values.numpy(),
+                          token_logprob=teacher.gather(-1, torch.from_numpy(response).long()[:, None])[:, 0].numpy()),
+        ))
+    return collate(pairs, pad_id=0)
+
+
+def _learner_cfg(tp: int) -> LearnerConfig:
+    # grad_clip far below the gradient norm (~1.4): the global-norm clip across TP ranks is exercised
+    return LearnerConfig(backend="megatron", lr=1e-2, grad_clip=0.05, tp=tp)
+
+
+def _flat(buckets) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for bucket in buckets for name, t in bucket}
+
+
+def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
+    """Every check, on this rank; collective calls in the same order on every rank."""
+    from asyncopd.learner.megatron_convert import gather_hf_weights
+    from asyncopd.learner.megatron_learner import MegatronLearner
+    from asyncopd.learner.torch_learner import TorchLearner
+    from asyncopd.model.build import load_model
+
+    learner = MegatronLearner(_learner_cfg(tp), ESTIMATOR, ckpt, max_staleness=2)
+    try:
+        hf = load_model(ckpt)
+        hf_params = dict(hf.named_parameters())
+
+        # 1. full-vocabulary logits equal the HF model's, on a right-padded batch (padding positions included)
+        batch = make_batch()
+        with torch.no_grad():
+            logits = learner._forward_logits(batch)
+            ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert logits.shape == ref.shape == (*batch.input_ids.shape, VOCAB)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+        # 2. gathered weights under HF names round-trip exactly (buckets respect the size)
+        buckets = list(learner.named_weights_for_rollout(bucket_bytes=8192))
+        assert len(buckets) > 1
+        assert all(len(b) == 1 or sum(t.nbytes for _, t in b) <= 8192 for b in buckets)
+        weights = _flat(buckets)
+        assert set(weights) == set(hf_params)
+        for name, p in hf_params.items():
+            assert torch.equal(weights[name], p.detach()), name
+
+        # 3. one train_step with forward_kl: same loss, clipped grad norm and (nearly) the same weights as TorchLearner
+        reference = TorchLearner(LearnerConfig(lr=1e-2, grad_clip=0.05), ESTIMATOR, ckpt, max_staleness=2)
+        expected = reference.train_step(make_batch())
+        metrics = learner.train_step(make_batch())
+        assert learner.version == reference.version == 1
+        assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-6)
+        assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+        assert metrics["grad_norm"] > 10 * learner.optimizer.max_norm  # clipping was active
+        ref_params = dict(reference.model.named_parameters())
+        grads = dict(gather_hf_weights(learner.model, learner.tp_group, grads=True))
+        weights = _flat(learner.named_weights_for_rollout(bucket_bytes=1 << 20))
+        for name, p in ref_params.items():
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-7, rtol=1e-4, msg=name)
+            torch.testing.assert_close(weights[name], p.detach(), atol=2e-5, rtol=0, msg=name)
+            assert not torch.equal(weights[name], hf_params[name].detach()), f"{name} was not updated"
+
+        # 4. save / load: an HF checkpoint + per-rank optimizer state; the version survives
+        learner.save(out_dir)
+        saved = load_model(out_dir)
+        for name, p in saved.named_parameters():
+            assert torch.equal(p.detach(), weights[name]), name
+        learner.train_step(make_batch(seed=2))
+        assert learner.version == 2
+        learner.load(out_dir)
+        assert learner.version == 1
+        reloaded = _flat(learner.named_weights_for_rollout(bucket_bytes=1 << 20))
+        for name, t in weights.items():
+            assert torch.equal(reloaded[name], t), name
+        assert learner.optimizer.state_dict()["state"][0]["step"] == 1
+    finally:
+        learner.close()
+
+
+def _tp2_worker(rank: int, init_file: str, ckpt: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_learner(ckpt, tp=2, out_dir=out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return str(make_checkpoint(tmp_path_factory.mktemp("qwen2_tiny") / "student"))
+
+
+def test_tp1_matches_hf_and_torch_learner(checkpoint, tmp_path):
+    assert not dist.is_initialized()
+    check_learner(checkpoint, tp=1, out_dir=str(tmp_path / "ckpt"))
+    assert not dist.is_initialized()  # the learner started a 1-rank gloo group and closed it
+
+
+def test_tp2_matches_hf_and_torch_learner(checkpoint, tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    torch.multiprocessing.spawn(_tp2_worker, args=(init_file, checkpoint, str(tmp_path / "ckpt")), nprocs=2)
+    assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
+        "config.json", "model.safetensors", "learner_state.rank0.pt", "learner_state.rank1.pt"}
+
+
+def test_parallel_layout_errors():
+    from asyncopd.learner.megatron_learner import init_parallel
+
+    if dist.is_initialized():
+        pytest.skip("needs a process without a default process group")
+    with pytest.raises(RuntimeError, match="learner.tp=2 needs 2 processes"):
+        init_parallel(tp=2)
+    with pytest.raises(NotImplementedError, match="learner.pp=2"):
+        init_parallel(tp=1, pp=2)
+    assert not dist.is_initialized()
