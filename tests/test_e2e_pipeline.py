@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from asyncopd.config.cluster import ClusterConfig
@@ -67,3 +68,16 @@ def test_vocabulary_mismatch_stops_before_training(tmp_path):
     with pytest.raises(VocabularyMismatch, match="vocab_size"):
         run_training(cfg)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_resume_keeps_the_version_clock(tiny_artifacts, tmp_path):
+    run_training(small_run(tiny_artifacts, tmp_path / "a", "pipeline.max_staleness=1", "pipeline.eval_every=0"))
+    resumed = run_training(small_run(
+        tiny_artifacts, tmp_path / "b", "pipeline.max_staleness=1", "pipeline.steps=6", "pipeline.eval_every=0",
+        f"run.resume_from={tmp_path / 'a' / 'checkpoint'}"))
+    assert [step for step, _ in resumed["accuracy_curve"]] == [4, 6]
+    assert sum(resumed["staleness_histogram"].values()) == 2 * 8
+    assert resumed["max_observed_staleness"] <= 1
+    assert [e.step for e in scalars(tmp_path / "b")["loss"]] == [4, 5]
+    state = torch.load(tmp_path / "b" / "checkpoint" / "learner_state.pt", weights_only=False)
+    assert state["version"] == 6

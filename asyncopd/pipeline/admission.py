@@ -14,9 +14,9 @@ class PipelineClosed(RuntimeError):
 
 
 class Admission:
-    def __init__(self, max_staleness: int):
+    def __init__(self, max_staleness: int, version: int = 0):
         self.max_staleness = max_staleness
-        self._published = 0  # weight version every rollout engine holds
+        self._published = version  # weight version every rollout engine holds
         self._closed = False
         self._cond = threading.Condition()
 

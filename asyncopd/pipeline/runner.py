@@ -38,14 +38,16 @@ def make_run_dir(cfg: Config) -> Path:
 class OPDStages:
     """The real stage functions the scheduler drives: HTTP rollout, HTTP teacher, Ray learner + sync."""
 
-    def __init__(self, cfg: Config, fleet: Fleet, learner, sync: WeightSync, logger: RunLogger, tokenizer):
+    def __init__(self, cfg: Config, fleet: Fleet, learner, sync: WeightSync, logger: RunLogger,
+                 tokenizer: CharTokenizer, start: int = 0):
         self.cfg = cfg
         self.fleet = fleet
         self.learner = learner
         self.sync = sync
         self.logger = logger
         self.tokenizer = tokenizer
-        self.stream = TrainStream(cfg.task)  # batch s gets problems [s*B, (s+1)*B): same data in every mode
+        # batch s gets problems [s*B, (s+1)*B): the same data in every mode, and after a resume
+        self.stream = TrainStream(cfg.task, start=start * cfg.pipeline.batch_size)
         self.req = build_estimator(cfg.estimator).requirements(cfg.estimator)
         self.history: list[dict[str, float]] = []
         self.staleness: Counter = Counter()
@@ -103,6 +105,21 @@ def evaluate_student(fleet: Fleet, tokenizer: CharTokenizer, problems) -> float:
     return greedy_accuracy(generate, problems, tokenizer, batch_size=len(problems))
 
 
+def resume(cfg: Config, learner, sync: WeightSync) -> int:
+    """Load `run.resume_from` (weights, optimizer, version) and push it to the fleet; returns the version.
+
+    The version is the staleness clock, so it must survive a resume: the next batch is `version`, its
+    prompts are the ones the original run would have used next, and admission starts from there."""
+    if not cfg.run.resume_from:
+        return 0
+    version = ray.get(learner.load.remote(cfg.run.resume_from))
+    if version >= cfg.pipeline.steps:
+        raise ValueError(f"run.resume_from={cfg.run.resume_from!r} is at version {version}, already >= "
+                         f"pipeline.steps={cfg.pipeline.steps}: raise pipeline.steps to train further")
+    sync.sync(version)
+    return version
+
+
 def run_training(cfg: Config) -> dict:
     """The whole run; returns the summary (also written to run_dir/summary.json)."""
     check_runtime(cfg)
@@ -117,12 +134,14 @@ def run_training(cfg: Config) -> dict:
         learner = LearnerActor.options(num_cpus=0).remote(cfg, paths.student)
         sync = WeightSync(cfg.weights, learner, fleet.engines)
         sync.init_group()
+        start = resume(cfg, learner, sync)
         problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
         acc0 = evaluate_student(fleet, tokenizer, problems)
-        logger.scalars(0, {"eval/accuracy": acc0})
-        stages = OPDStages(cfg, fleet, learner, sync, logger, tokenizer)
-        evals = [(0, acc0)]
+        logger.scalars(start, {"eval/accuracy": acc0})
+        stages = OPDStages(cfg, fleet, learner, sync, logger, tokenizer, start)
+        evals = [(start, acc0)]
         eval_time = 0.0
+        checkpoint = str(run_dir / "checkpoint")
 
         def after_step(s: int) -> None:
             nonlocal eval_time
@@ -133,12 +152,14 @@ def run_training(cfg: Config) -> dict:
                 eval_time += time.perf_counter() - t0
                 evals.append((step, acc))
                 logger.scalars(step, {"eval/accuracy": acc})
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                ray.get(learner.save.remote(checkpoint))
 
-        times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step)
+        times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step, start)
         final = evaluate_student(fleet, tokenizer, problems)
         evals.append((cfg.pipeline.steps, final))
         logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
-        ray.get(learner.save.remote(str(run_dir / "checkpoint")))
+        ray.get(learner.save.remote(checkpoint))
         summary = _summary(cfg, run_dir, times, eval_time, stages, evals, fleet.teacher_accuracy)
         print(logger.summary(summary))
         return summary

@@ -40,16 +40,17 @@ class StageTimes:
 
 
 def run_stages(stages: Stages, steps: int, max_staleness: int,
-               after_step: Callable[[int], None] | None = None) -> StageTimes:
-    """Run `steps` learner steps; each batch starts only when admission allows it."""
-    admission = Admission(max_staleness)
+               after_step: Callable[[int], None] | None = None, start: int = 0) -> StageTimes:
+    """Run learner steps `start`..`steps - 1` (start > 0 resumes at that version); each batch starts only
+    when admission allows it."""
+    admission = Admission(max_staleness, version=start)
     buffer: BatchBuffer[Any] = BatchBuffer()
     to_score: queue.Queue = queue.Queue()
     times = StageTimes()
 
     def rollout_loop() -> None:
         try:
-            for s in range(steps):
+            for s in range(start, steps):
                 admission.wait_admit(s)
                 t0 = time.perf_counter()
                 generated = stages.generate(s)
@@ -75,11 +76,11 @@ def run_stages(stages: Stages, steps: int, max_staleness: int,
 
     threads = [threading.Thread(target=rollout_loop, name="rollout", daemon=True),
                threading.Thread(target=score_loop, name="teacher", daemon=True)]
-    start = time.perf_counter()
+    began = time.perf_counter()
     for t in threads:
         t.start()
     try:
-        for s in range(steps):
+        for s in range(start, steps):
             scored = buffer.get(s)
             t0 = time.perf_counter()
             stages.learn(s, scored)
@@ -92,5 +93,5 @@ def run_stages(stages: Stages, steps: int, max_staleness: int,
         buffer.close()
         for t in threads:
             t.join(timeout=60)
-    times.wall_s = time.perf_counter() - start
+    times.wall_s = time.perf_counter() - began
     return times
