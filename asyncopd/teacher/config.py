@@ -10,6 +10,8 @@ class TeacherConfig:
     tp: int = 1
     threads: int = 1
     host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port (each replica gets its own)
     api_key: str = ""
     wire_dtype: str = "float32"  # float32 | float16: dtype of logprobs on the wire
     request_timeout_s: float = 300.0
+    max_tokens_per_forward: int = 32768  # padded tokens per micro-batch forward inside one /score call

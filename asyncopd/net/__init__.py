@@ -1,0 +1,1 @@
+"""HTTP-server plumbing shared by the rollout engine and the teacher server."""

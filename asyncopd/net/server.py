@@ -1,0 +1,157 @@
+"""Shared server plumbing: bind checks, bearer-token auth, JSON errors, uvicorn in a thread."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+# Paths anyone on the network may read without the API key (liveness probes, like SGLang's).
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+class ApiError(Exception):
+    """Raised inside a handler: answered as HTTP `status` with JSON {"error": message}."""
+
+    def __init__(self, message: str, status: int = 400, extra: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.extra = extra or {}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str, what: str) -> None:
+    """Refuse to listen beyond loopback without an API key (DESIGN.md: weight updates need the key)."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(
+            f"{what}: refusing to listen on {host!r} without an API key; set {what}.api_key "
+            f"(clients then send 'Authorization: Bearer <key>') or bind {what}.host=127.0.0.1")
+
+
+def make_app(title: str, api_key: str = "") -> FastAPI:
+    """A FastAPI app that answers ApiError as JSON {"error"}, and checks the bearer key when set."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError):
+        return JSONResponse({**exc.extra, "error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception):
+        log.exception("%s: unhandled error", title)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.url.path not in PUBLIC_PATHS:
+                got = request.headers.get("authorization", "").encode()
+                if not secrets.compare_digest(got, expected):
+                    return JSONResponse(
+                        {"error": "missing or wrong API key: send header 'Authorization: Bearer <api_key>'"},
+                        status_code=401)
+            return await call_next(request)
+
+    return app
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        payload = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise ApiError("request body must be a JSON object")
+    return payload
+
+
+class ServerThread:
+    """Serve `app` with uvicorn on a daemon thread; port 0 picks a free port (see `.url`)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host = host
+        self.port = int(self._sock.getsockname()[1])
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"uvicorn:{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"HTTP server on {self.url} exited during start-up (see log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server on {self.url} did not start within {timeout_s} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+
+def tokenizer_fingerprint_of(path: str | Path) -> str:
+    """The vocabulary fingerprint the pipeline compares between teacher and student.
+
+    Uses the data package's `tokenizer_fingerprint` when present; otherwise a hash of tokenizer.json.
+    Empty string when the checkpoint has no tokenizer files.
+    """
+    tok = Path(path) / "tokenizer.json"
+    if not tok.is_file():
+        return ""
+    try:
+        from asyncopd.data.tokenizer import tokenizer_fingerprint
+    except ImportError:
+        return hashlib.sha256(tok.read_bytes()).hexdigest()[:16]
+    return str(tokenizer_fingerprint(str(path)))
+
+
+def model_card(model_path: str | Path, model) -> dict[str, Any]:
+    """Fields every server's /model_info carries so the pipeline can check compatibility."""
+    cfg = model.config
+    return {
+        "model_path": str(model_path),
+        "vocab_size": int(cfg.vocab_size),
+        "tokenizer_fingerprint": tokenizer_fingerprint_of(model_path) if model_path else "",
+        "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", 0) or 0),
+        "architectures": list(getattr(cfg, "architectures", None) or []),
+    }

@@ -1,0 +1,140 @@
+"""Client of the teacher server(s): scores rollouts, split across replicas concurrently."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from asyncopd.net.client import HttpClient, ServerError
+from asyncopd.rollout.types import Rollout
+from asyncopd.teacher import wire
+from asyncopd.teacher.types import TeacherScores
+
+
+def _split_balanced(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges, about equal in total size, at most `parts` of them, none empty."""
+    n = len(sizes)
+    parts = max(1, min(parts, n))
+    cum = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    bounds = [0]
+    for p in range(1, parts):
+        cut = int(np.searchsorted(cum, cum[-1] * p / parts))
+        bounds.append(min(max(cut, bounds[-1] + 1), n - (parts - p)))
+    bounds.append(n)
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+class TeacherClient:
+    """`score(rollouts, top_k, with_queries) -> list[TeacherScores]`, one per rollout, in order."""
+
+    def __init__(self, urls: Sequence[str] | str, api_key: str = "", timeout_s: float = 300.0,
+                 wire_dtype: str = "float32"):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("TeacherClient needs at least one teacher URL")
+        if wire_dtype not in ("float32", "float16"):
+            raise ValueError(f"teacher.wire_dtype must be 'float32' or 'float16', got {wire_dtype!r}")
+        self.replicas = [HttpClient(u, api_key, timeout_s) for u in urls]
+        self.wire_dtype = wire_dtype
+        self._pool = ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="teacher-client")
+        self.last_stats: dict[str, float] = {}
+        self.totals = {"requests": 0, "tokens": 0, "request_bytes": 0, "response_bytes": 0}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+    def health(self) -> list[dict]:
+        return [r.get_json("/health") for r in self.replicas]
+
+    def model_info(self) -> list[dict]:
+        """Every replica's /model_info; raises if the replicas disagree on vocabulary or tokenizer."""
+        infos = [r.get_json("/model_info") for r in self.replicas]
+        keys = ("vocab_size", "tokenizer_fingerprint")
+        for r, info in zip(self.replicas[1:], infos[1:], strict=True):
+            if any(info.get(k) != infos[0].get(k) for k in keys):
+                raise ServerError(f"teacher replicas disagree: {self.replicas[0].base_url} has "
+                                  f"{[infos[0].get(k) for k in keys]}, {r.base_url} has {[info.get(k) for k in keys]}")
+        return infos
+
+    def _request(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool) -> bytes:
+        seqs, starts, lengths, queries = [], [], [], []
+        for r in rollouts:
+            seqs.append(np.asarray(r.prompt_ids, dtype=np.int32))
+            seqs.append(np.asarray(r.response_ids, dtype=np.int32))
+            starts.append(len(r.prompt_ids))
+            lengths.append(len(r.prompt_ids) + len(r.response_ids))
+            if with_queries:
+                queries.append(np.asarray(r.mc_ids, dtype=np.int32))
+        offsets = np.zeros(len(rollouts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays = {
+            "input_ids": np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+            "offsets": offsets,
+            "score_start": np.asarray(starts, dtype=np.int64),
+        }
+        if with_queries:
+            arrays["query_ids"] = np.concatenate(queries) if queries else np.zeros((0, 0), np.int32)
+        return wire.encode(arrays, {"top_k": int(top_k), "wire_dtype": self.wire_dtype})
+
+    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int,
+                     with_queries: bool) -> tuple[list[TeacherScores], int, int]:
+        body = self._request(rollouts, top_k, with_queries)
+        r = replica.request("POST", "/score", data=body, headers={"Content-Type": wire.CONTENT_TYPE})
+        try:
+            arrays, _meta = wire.decode(r.content)
+        except ValueError as e:
+            raise ServerError(f"{replica.base_url}/score: unreadable answer: {e}") from None
+        off = arrays["offsets"]
+        out = []
+        f32 = np.float32
+        for i, ro in enumerate(rollouts):
+            a, b = int(off[i]), int(off[i + 1])
+            if b - a != ro.num_tokens:
+                raise ServerError(f"{replica.base_url}/score: {b - a} positions for a rollout of {ro.num_tokens}")
+            q = arrays.get("query_logprobs")
+            out.append(TeacherScores(
+                topk_ids=np.array(arrays["topk_ids"][a:b], dtype=np.int32),
+                topk_logprobs=np.array(arrays["topk_logprobs"][a:b], dtype=f32),
+                token_logprob=np.array(arrays["token_logprob"][a:b], dtype=f32),
+                query_logprobs=np.array(q[a:b], dtype=f32) if q is not None else None,
+            ))
+        return out, len(body), len(r.content)
+
+    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False) -> list[TeacherScores]:
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        if with_queries:
+            missing = [i for i, r in enumerate(rollouts) if r.mc_ids is None]
+            if missing:
+                raise ValueError(f"with_queries=True needs rollouts with mc_ids (generate with mc_samples > 0); "
+                                 f"rollout {missing[0]} has none")
+            widths = {int(r.mc_ids.shape[1]) for r in rollouts}
+            if len(widths) > 1:
+                raise ValueError(f"all rollouts in one score() call need the same mc_samples; got {sorted(widths)}")
+        if not rollouts:
+            return []
+        t0 = time.perf_counter()
+        sizes = [len(r.prompt_ids) + r.num_tokens for r in rollouts]
+        ranges = _split_balanced(sizes, len(self.replicas))
+        futures = [self._pool.submit(self._score_chunk, self.replicas[k], rollouts[a:b], top_k, with_queries)
+                   for k, (a, b) in enumerate(ranges)]
+        results, req_bytes, resp_bytes = [], 0, 0
+        for f in futures:
+            scores, nb_req, nb_resp = f.result()
+            results.extend(scores)
+            req_bytes += nb_req
+            resp_bytes += nb_resp
+        tokens = sum(r.num_tokens for r in rollouts)
+        self.last_stats = {
+            "tokens": tokens, "request_bytes": req_bytes, "response_bytes": resp_bytes,
+            "bytes_per_token": resp_bytes / max(tokens, 1), "seconds": time.perf_counter() - t0,
+            "replicas_used": len(ranges),
+        }
+        self.totals["requests"] += len(ranges)
+        self.totals["tokens"] += tokens
+        self.totals["request_bytes"] += req_bytes
+        self.totals["response_bytes"] += resp_bytes
+        return results
