@@ -1,21 +1,48 @@
-"""The learner as a Ray actor: trains, and is rank 0 of the weight-broadcast group."""
+"""One learner rank as a Ray actor: trains, exports weights; rank 0 is also rank 0 of the weight-broadcast group.
+
+A learner with tp * pp ranks is `tp * pp` of these actors forming their own default torch.distributed group
+(asyncopd.learner.group.LearnerGroup drives them); a single rank needs no rendezvous and is ready once built.
+Every rank takes part in the collective calls (train_step, weight export, save), only rank 0 sends weights.
+"""
 
 import time
 
 import ray
+import torch
+import torch.distributed as dist
 
 from asyncopd.config.schema import Config
 from asyncopd.learner.build import build_learner
 from asyncopd.learner.collate import LearnerBatch
 from asyncopd.weights.broadcast import bucket_request, send_bucket
-from asyncopd.weights.process_group import init_weights_group
+from asyncopd.weights.process_group import find_free_port, init_weights_group
 
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg: Config, model_path: str):
-        self.learner = build_learner(cfg, model_path)
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"learner rank {rank} is outside world_size={world_size}")
+        self.cfg = cfg
+        self.model_path = model_path
+        self.rank = rank
+        self.world_size = world_size
         self.group = None
+        self.learner = build_learner(cfg, model_path) if world_size == 1 else None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(this node's IP, a port free on it): where the ranks' default process group meets (asked of rank 0)."""
+        host = ray.util.get_node_ip_address()
+        return host, find_free_port(host)
+
+    def start(self, master_address: str, master_port: int) -> None:
+        """Join the learners' default process group (every rank at once), then build this rank's learner."""
+        if self.learner is not None:
+            raise RuntimeError("this learner rank is already started")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}", rank=self.rank,
+                                world_size=self.world_size)
+        self.learner = build_learner(self.cfg, self.model_path)
 
     def version(self) -> int:
         return self.learner.version
@@ -24,20 +51,26 @@ class LearnerActor:
         return self.learner.train_step(batch)
 
     def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
-        """The /update_weights_from_distributed payload of every bucket, in send order."""
+        """The /update_weights_from_distributed payload of every bucket, in send order. Collective."""
         return [bucket_request(bucket, group_name=group_name)
                 for bucket in self.learner.named_weights_for_rollout(bucket_bytes)]
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int,
                           group_name: str, backend: str, timeout_s: float) -> None:
+        """Host the weight-sync group as its rank 0 (learner rank 0 only; the engines are ranks 1..)."""
+        if self.rank != 0:
+            raise RuntimeError(f"learner rank {self.rank} asked to join the weight-sync group: only rank 0 sends")
         self.group = init_weights_group(master_address, master_port, world_size, rank=0,
                                         group_name=group_name, backend=backend, timeout_s=timeout_s)
 
     def broadcast_weights(self, bucket_bytes: int) -> float:
-        """Send every bucket in order; engines receive them through /update_weights_from_distributed."""
+        """Every rank gathers the buckets (collective); rank 0 sends each, in order, to the engines."""
+        if self.rank == 0 and self.group is None:
+            raise RuntimeError("broadcast_weights before init_weight_group: the weight-sync group does not exist")
         t0 = time.perf_counter()
         for bucket in self.learner.named_weights_for_rollout(bucket_bytes):
-            send_bucket(self.group, [t for _, t in bucket])
+            if self.rank == 0:
+                send_bucket(self.group, [t for _, t in bucket])
         return time.perf_counter() - t0
 
     def save(self, path: str) -> None:

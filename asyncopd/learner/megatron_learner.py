@@ -1,16 +1,16 @@
 """The megatron-core learner: the student as a GPTModel (tensor parallel), behind the Learner protocol.
 
-One process per TP rank; every rank runs the same train_step on the same batch (the pipeline feeds them all),
-so the loss, the logits and the replicated weights agree on every rank. It reuses TorchLearner.train_step
-(prox recompute, estimator, clip, AdamW step) and replaces the model, the forward, the gradient-norm clip
-(global across TP ranks), the weight export (gathered, Hugging Face names) and checkpointing.
+One process per TP rank; every rank runs the same train_step on the same batch (asyncopd.learner.group feeds
+them all), so the loss, the logits and the replicated weights agree on every rank. It reuses
+TorchLearner.train_step (prox recompute, estimator, AdamW step) and overrides its hooks: the model, the forward,
+the batch's device, the gradient-norm clip (global across TP ranks), the weight export (gathered, Hugging Face
+names) and checkpointing.
 On CPU (no CUDA) megatron_patches makes megatron-core run with gloo; with a GPU the model and the batch live on
 the local CUDA device and the default process group is NCCL.
 """
 
 import dataclasses
 import datetime
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_patches
-from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.learner.collate import LearnerBatch
-from asyncopd.learner.config import LearnerConfig
 from asyncopd.learner.megatron_convert import (
     HF_WEIGHTS,
     Qwen2Layout,
@@ -29,15 +27,10 @@ from asyncopd.learner.megatron_convert import (
     load_hf_into_megatron,
 )
 from asyncopd.learner.torch_learner import TorchLearner
+from asyncopd.weights.process_group import find_free_port
 from megatron_patches.fp8 import fp8_context, require_transformer_engine
 
 _STATE_FILE = "learner_state.rank{rank}.pt"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
@@ -55,7 +48,7 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
             raise RuntimeError(f"learner.tp={tp} needs {tp} processes in an initialised torch.distributed group "
                                "(one per TP rank); only tp=1 can start its own group")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1,
                                 timeout=datetime.timedelta(minutes=10))
     world = dist.get_world_size()
     if world != tp * pp:
@@ -115,23 +108,6 @@ def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (~allowed).unsqueeze(1)
 
 
-class _TPClipAdamW(torch.optim.AdamW):
-    """AdamW that first clips gradients by their global norm across the TP group (sharded params counted once
-    per shard, replicated ones once) - torch's clip_grad_norm_ over local shards would differ per rank."""
-
-    def __init__(self, params, max_norm: float, tp_group, **kwargs):
-        super().__init__(params, **kwargs)
-        self.max_norm = max_norm
-        self.tp_group = tp_group
-        self.last_grad_norm = 0.0
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.last_grad_norm = float(clip_grad_norm_tp(
-            [p for group in self.param_groups for p in group["params"]], self.max_norm, self.tp_group))
-        return super().step(closure)
-
-
 @torch.no_grad()
 def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (L2) over the full model, when `params` are this rank's TP shards."""
@@ -154,31 +130,8 @@ def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
     return total
 
 
-def _to_device(batch: LearnerBatch, device: torch.device) -> LearnerBatch:
-    if device.type == "cpu":
-        return batch
-    est = dataclasses.replace(batch.est, **{
-        f.name: getattr(batch.est, f.name).to(device) for f in dataclasses.fields(batch.est)
-        if isinstance(getattr(batch.est, f.name), torch.Tensor)})
-    return dataclasses.replace(batch, input_ids=batch.input_ids.to(device),
-                               attention_mask=batch.attention_mask.to(device),
-                               response_index=batch.response_index.to(device), est=est)
-
-
 class MegatronLearner(TorchLearner):
-    def __init__(self, cfg: LearnerConfig, estimator_cfg: EstimatorConfig, model_path: str,
-                 max_staleness: int, temperature: float = 1.0):
-        require_transformer_engine(cfg)  # fail before any process group or model is built
-        # The base's train_step clips with torch's clip_grad_norm_ over this rank's shards, which differs per TP
-        # rank; so self.cfg carries grad_clip=inf (that clip is then a no-op) and the optimizer below clips by the
-        # global norm across the TP group with the configured learner.grad_clip.
-        super().__init__(dataclasses.replace(cfg, grad_clip=float("inf")), estimator_cfg, model_path,
-                         max_staleness, temperature)
-        self.optimizer = _TPClipAdamW(
-            [p for p in self.model.parameters() if p.requires_grad], max_norm=cfg.grad_clip,
-            tp_group=self.tp_group, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.weight_decay,
-        )
+    """TorchLearner with a tensor-parallel GPTModel; one instance per TP rank, all fed the same batches."""
 
     # ---- model ----------------------------------------------------------------------------------------------
     def _build_model(self, model_path: str) -> torch.nn.Module:
@@ -186,6 +139,7 @@ class MegatronLearner(TorchLearner):
         from megatron.core import parallel_state
 
         cfg = self.cfg
+        require_transformer_engine(cfg)  # fail before any process group or model is built
         if not (Path(model_path) / "config.json").exists():
             raise FileNotFoundError(f"{model_path}: no config.json; not a Hugging Face checkpoint "
                                     "(run `asyncopd prepare` first)")
@@ -202,20 +156,31 @@ class MegatronLearner(TorchLearner):
         return model
 
     def _forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L, V] full-vocabulary logits (gathered across TP, vocab padding dropped) / temperature."""
-        input_ids = batch.input_ids.to(self.device)
-        mask = batch.attention_mask.to(self.device)
+        """[B, L, V] full-vocabulary logits (gathered across TP, vocab padding dropped) / temperature.
+
+        `batch` is on this rank's device already (train_step calls `_to_device` first)."""
+        input_ids = batch.input_ids
         # right padding: real tokens sit at 0..n-1, so plain positions match HF's
-        position_ids = torch.arange(input_ids.shape[1], device=self.device).unsqueeze(0).expand_as(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         with fp8_context(self.cfg):
             logits = self.model(input_ids=input_ids, position_ids=position_ids,
-                                attention_mask=attention_mask_for(mask))
+                                attention_mask=attention_mask_for(batch.attention_mask))
         return logits[..., : self.layout.vocab].float() / self.temperature
 
-    def train_step(self, batch: LearnerBatch) -> dict[str, float]:
-        metrics = super().train_step(_to_device(batch, self.device))
-        metrics["grad_norm"] = self.optimizer.last_grad_norm  # the base reports the unclipped local norm
-        return metrics
+    def _to_device(self, batch: LearnerBatch) -> LearnerBatch:
+        """Every tensor of the batch on this rank's device (the local GPU; a no-op on CPU)."""
+        if self.device.type == "cpu":
+            return batch
+        est = dataclasses.replace(batch.est, **{
+            f.name: getattr(batch.est, f.name).to(self.device) for f in dataclasses.fields(batch.est)
+            if isinstance(getattr(batch.est, f.name), torch.Tensor)})
+        return dataclasses.replace(batch, input_ids=batch.input_ids.to(self.device),
+                                   attention_mask=batch.attention_mask.to(self.device),
+                                   response_index=batch.response_index.to(self.device), est=est)
+
+    def _clip_grad_norm(self) -> float:
+        """The global norm over the full model (TP shards reduced across ranks), identical on every rank."""
+        return float(clip_grad_norm_tp(list(self.model.parameters()), self.cfg.grad_clip, self.tp_group))
 
     def close(self) -> None:
         """Tear down megatron's parallel state, and the process group if this learner started it."""

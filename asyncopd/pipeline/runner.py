@@ -15,8 +15,8 @@ from asyncopd.config.validate import check_runtime
 from asyncopd.data.task import TrainStream, test_problems
 from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.estimators.base import build as build_estimator
-from asyncopd.learner.actor import LearnerActor
 from asyncopd.learner.collate import collate
+from asyncopd.learner.group import LearnerGroup
 from asyncopd.model.evaluate import greedy_accuracy, score_responses
 from asyncopd.model.paths import resolve_model_paths
 from asyncopd.pipeline.fleet import Fleet
@@ -74,7 +74,7 @@ class OPDStages:
     def learn(self, s: int, pairs: list[tuple[Rollout, TeacherScores]]) -> None:
         rollouts = [r for r, _ in pairs]
         batch = collate(pairs, pad_id=self.tokenizer.pad_token_id)
-        metrics = ray.get(self.learner.train_step.remote(batch))
+        metrics = self.learner.train_step(batch)
         metrics["weights/sync_s"] = self.sync.sync(version=s + 1)
         lags = Counter({int(k.split("/")[1]): int(v) for k, v in metrics.items() if k.startswith("staleness/")})
         self.staleness.update(lags)
@@ -112,7 +112,7 @@ def resume(cfg: Config, learner, sync: WeightSync) -> int:
     prompts are the ones the original run would have used next, and admission starts from there."""
     if not cfg.run.resume_from:
         return 0
-    version = ray.get(learner.load.remote(cfg.run.resume_from))
+    version = learner.load(cfg.run.resume_from)
     if version >= cfg.pipeline.steps:
         raise ValueError(f"run.resume_from={cfg.run.resume_from!r} is at version {version}, already >= "
                          f"pipeline.steps={cfg.pipeline.steps}: raise pipeline.steps to train further")
@@ -129,9 +129,10 @@ def run_training(cfg: Config) -> dict:
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
     fleet = Fleet.launch(cfg, paths)
+    learner = None
     try:
         fleet.check_vocabularies()
-        learner = LearnerActor.options(num_cpus=0).remote(cfg, paths.student)
+        learner = LearnerGroup.launch(cfg, paths.student)
         sync = WeightSync(cfg.weights, learner, fleet.engines)
         sync.init_group()
         start = resume(cfg, learner, sync)
@@ -153,18 +154,20 @@ def run_training(cfg: Config) -> dict:
                 evals.append((step, acc))
                 logger.scalars(step, {"eval/accuracy": acc})
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                ray.get(learner.save.remote(checkpoint))
+                learner.save(checkpoint)
 
         times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step, start)
         final = evaluate_student(fleet, tokenizer, problems)
         evals.append((cfg.pipeline.steps, final))
         logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
-        ray.get(learner.save.remote(checkpoint))
+        learner.save(checkpoint)
         summary = _summary(cfg, run_dir, times, eval_time, stages, evals, fleet.teacher_accuracy)
         print(logger.summary(summary))
         return summary
     finally:
         logger.close()
+        if learner is not None:
+            learner.shutdown()
         fleet.shutdown()
         if owns_ray:
             ray.shutdown()

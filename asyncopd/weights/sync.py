@@ -3,8 +3,6 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import ray
-
 from asyncopd.rollout.client import SGLangClient
 from asyncopd.weights.config import WeightSyncConfig
 from asyncopd.weights.process_group import find_free_port
@@ -32,11 +30,11 @@ class WeightSync:
                              group_name=GROUP_NAME, backend=self.cfg.backend)
             for i, e in enumerate(self.engines)
         ]
-        ray.get(self.learner.init_weight_group.remote(self.cfg.master_addr, port, world, GROUP_NAME,
-                                                      self.cfg.backend, self.cfg.timeout_s))
+        self.learner.init_weight_group(self.cfg.master_addr, port, world, GROUP_NAME, self.cfg.backend,
+                                       self.cfg.timeout_s)
         for f in joined:
             f.result()
-        self.buckets = ray.get(self.learner.weight_buckets.remote(self.bucket_bytes, GROUP_NAME))
+        self.buckets = self.learner.weight_buckets(self.bucket_bytes, GROUP_NAME)
 
     def sync(self, version: int) -> float:
         """Push the learner's current weights as `version`; returns seconds until every engine has them."""
@@ -47,7 +45,7 @@ class WeightSync:
                 engine.update_weights_from_distributed(**bucket, weight_version=str(version))
 
         received = [self.pool.submit(receive, e) for e in self.engines]
-        ray.get(self.learner.broadcast_weights.remote(self.bucket_bytes))
+        self.learner.broadcast_weights(self.bucket_bytes)
         for f in received:
             f.result()
         return time.perf_counter() - t0

@@ -1,0 +1,112 @@
+"""The learner as the driver sees it: `learner.tp * learner.pp` LearnerActor ranks behind synchronous calls.
+
+The ranks form their own default torch.distributed group (gloo on CPU, NCCL on GPU) at rank 0's address.
+Every call is fanned out to all ranks with the same arguments, in the same order (a lock keeps driver threads
+from interleaving two fan-outs, which would cross the ranks' collectives), and rank 0's answer is returned.
+Only rank 0 joins the weight-sync group and sends; the other ranks take part in gathering the weights.
+"""
+
+import threading
+from typing import Any
+
+import ray
+
+from asyncopd.config.schema import Config
+from asyncopd.config.validate import ConfigError
+from asyncopd.learner.actor import LearnerActor
+from asyncopd.learner.collate import LearnerBatch
+from asyncopd.learner.config import LearnerConfig
+
+
+def learner_ranks(cfg: LearnerConfig) -> int:
+    """How many processes the learner needs: tp * pp for megatron, 1 for the torch learner."""
+    if cfg.tp < 1 or cfg.pp < 1:
+        raise ConfigError(f"learner.tp={cfg.tp} and learner.pp={cfg.pp} must both be >= 1")
+    if cfg.backend != "megatron" and cfg.tp * cfg.pp != 1:
+        raise ConfigError(f"learner.tp={cfg.tp}, learner.pp={cfg.pp} with learner.backend={cfg.backend!r}: only "
+                          "the megatron learner is parallel; set learner.backend=megatron, or learner.tp=1 "
+                          "learner.pp=1")
+    return cfg.tp * cfg.pp
+
+
+def _gather(refs: list) -> list:
+    """ray.get, but a failing rank raises at once rather than after its peers (stuck in a collective) time out."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+class LearnerGroup:
+    """Synchronous twin of LearnerActor's methods over every rank; `launch` builds one from the config."""
+
+    def __init__(self, actors: list):
+        self.actors = actors  # index = rank
+        self._lock = threading.Lock()
+        self._weight_group = False
+
+    @classmethod
+    def launch(cls, cfg: Config, model_path: str) -> "LearnerGroup":
+        """Start the ranks and wait until every one has built its learner (errors surface here)."""
+        world = learner_ranks(cfg.learner)
+        actors = [LearnerActor.options(num_cpus=0).remote(cfg, model_path, rank, world) for rank in range(world)]
+        try:
+            if world == 1:
+                _gather([actors[0].version.remote()])
+            else:
+                address, port = ray.get(actors[0].rendezvous_address.remote())
+                _gather([a.start.remote(address, port) for a in actors])
+        except BaseException:
+            for a in actors:
+                ray.kill(a)
+            raise
+        return cls(actors)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
+
+    def _all(self, method: str, *args: Any) -> Any:
+        """Call `method` on every rank (same arguments, same order); rank 0's result."""
+        with self._lock:
+            return _gather([getattr(a, method).remote(*args) for a in self.actors])[0]
+
+    def _rank0(self, method: str, *args: Any) -> Any:
+        with self._lock:
+            return ray.get(getattr(self.actors[0], method).remote(*args))
+
+    def version(self) -> int:
+        return self._rank0("version")
+
+    def train_step(self, batch: LearnerBatch) -> dict[str, float]:
+        """One optimizer step on every rank with the same batch (sent to the object store once)."""
+        return self._all("train_step", ray.put(batch))
+
+    def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
+        return self._all("weight_buckets", bucket_bytes, group_name)
+
+    def init_weight_group(self, master_address: str, master_port: int, world_size: int,
+                          group_name: str, backend: str, timeout_s: float) -> None:
+        """Rank 0 hosts the weight-sync group; returns once the engines have joined it too."""
+        self._rank0("init_weight_group", master_address, master_port, world_size, group_name, backend, timeout_s)
+        self._weight_group = True
+
+    def broadcast_weights(self, bucket_bytes: int) -> float:
+        """Seconds rank 0 took to gather and send every bucket."""
+        if not self._weight_group:  # checked here: a rank-0 failure would leave the other ranks in a gather
+            raise RuntimeError("broadcast_weights before init_weight_group: the weight-sync group does not exist")
+        return self._all("broadcast_weights", bucket_bytes)
+
+    def save(self, path: str) -> None:
+        """Every rank writes its part (megatron: rank 0 the HF checkpoint, each rank its optimizer shard)."""
+        self._all("save", path)
+
+    def load(self, path: str) -> int:
+        """Resume every rank; returns the restored version."""
+        return self._all("load", path)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

@@ -1,0 +1,135 @@
+"""LearnerGroup: the learner as Ray actor ranks (real Ray, real gloo, real megatron-core at TP=2), trained and
+broadcasting its gathered weights to a real rollout engine over SGLang's weight-update API."""
+
+import threading
+
+import pytest
+import ray
+import torch
+
+pytest.importorskip("megatron.core")
+
+from asyncopd.config.cluster import ClusterConfig  # noqa: E402
+from asyncopd.config.ray_cluster import start_ray  # noqa: E402
+from asyncopd.config.schema import Config  # noqa: E402
+from asyncopd.config.validate import ConfigError  # noqa: E402
+from asyncopd.learner.config import LearnerConfig  # noqa: E402
+from asyncopd.learner.group import LearnerGroup, learner_ranks  # noqa: E402
+from asyncopd.learner.torch_learner import TorchLearner  # noqa: E402
+from asyncopd.model.build import load_model  # noqa: E402
+from asyncopd.rollout.client import SGLangClient  # noqa: E402
+from asyncopd.rollout.engine import RolloutEngine  # noqa: E402
+from asyncopd.rollout.http_server import RolloutServer  # noqa: E402
+from asyncopd.weights.process_group import find_free_port  # noqa: E402
+from tests.conftest import make_artifacts  # noqa: E402
+from tests.test_megatron_learner import ESTIMATOR, make_batch  # noqa: E402
+
+GROUP = "test_learner_group"
+BUCKET_BYTES = 4096  # several buckets for the tiny student
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> str:
+    return str(make_artifacts(tmp_path_factory.mktemp("artifacts")) / "student")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(tmp_path_factory):
+    owns = start_ray(ClusterConfig(), tmp_path_factory.mktemp("ray"))
+    yield
+    if owns:
+        ray.shutdown()
+
+
+def _cfg(**learner) -> Config:
+    # grad_clip far below the gradient norm: the global clip across the TP ranks is exercised
+    return Config(learner=LearnerConfig(lr=1e-2, grad_clip=0.05, **learner), estimator=ESTIMATOR)
+
+
+def _sync(group: LearnerGroup, client: SGLangClient, version: int) -> None:
+    """The weight-sync protocol (as asyncopd.weights.sync drives it): join, announce buckets, broadcast."""
+    port = find_free_port()
+    joined = threading.Thread(target=client.init_weights_update_group, kwargs=dict(
+        master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, group_name=GROUP,
+        backend="gloo"))
+    joined.start()
+    group.init_weight_group("127.0.0.1", port, 2, GROUP, "gloo", 60.0)
+    joined.join()
+    buckets = group.weight_buckets(BUCKET_BYTES, GROUP)
+    assert len(buckets) > 1
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            for bucket in buckets:
+                client.update_weights_from_distributed(**bucket, weight_version=str(version))
+        except BaseException as e:  # surfaced below, after the sender returned
+            errors.append(e)
+
+    received = threading.Thread(target=receive)
+    received.start()
+    group.broadcast_weights(BUCKET_BYTES)
+    received.join()
+    assert not errors, errors
+
+
+def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
+    reference = TorchLearner(_cfg().learner, ESTIMATOR, student, max_staleness=2)
+    expected = reference.train_step(make_batch())
+
+    engine = RolloutEngine(load_model(student), student)
+    server = RolloutServer(engine).start()
+    client = SGLangClient(server.url, timeout_s=120)
+    group = LearnerGroup.launch(_cfg(backend="megatron", tp=2), student)
+    try:
+        assert group.world_size == 2 and group.version() == 0
+        with pytest.raises(RuntimeError, match="before init_weight_group"):
+            group.broadcast_weights(BUCKET_BYTES)
+
+        metrics = group.train_step(make_batch())
+        assert group.version() == 1
+        assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-6)
+        assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
+        assert metrics["grad_norm"] > 10 * 0.05  # the clip was active
+
+        _sync(group, client, version=1)
+        assert client.get_weight_version() == 1
+
+        # the engine now holds exactly the HF model the learner holds after the step (rank 0 writes it)
+        group.save(str(tmp_path / "ckpt"))
+        assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
+            "config.json", "model.safetensors", "learner_state.rank0.pt", "learner_state.rank1.pt"}
+        held = dict(load_model(tmp_path / "ckpt").named_parameters())
+        initial = dict(load_model(student).named_parameters())
+        stepped = dict(reference.model.named_parameters())
+        served = dict(engine.model.named_parameters())
+        assert set(served) == set(held)
+        for name, p in held.items():
+            assert torch.equal(served[name], p), name
+            assert not torch.equal(p, initial[name]), f"{name} was not updated"
+            torch.testing.assert_close(p, stepped[name].detach(), atol=2e-5, rtol=0, msg=name)
+
+        assert group.load(str(tmp_path / "ckpt")) == 1
+    finally:
+        group.shutdown()
+        server.stop()
+
+
+def test_torch_group_is_one_rank(student):
+    group = LearnerGroup.launch(_cfg(), student)
+    try:
+        assert group.world_size == 1
+        reference = TorchLearner(_cfg().learner, ESTIMATOR, student, max_staleness=2)
+        assert group.train_step(make_batch())["loss"] == pytest.approx(reference.train_step(make_batch())["loss"])
+        assert group.version() == 1
+    finally:
+        group.shutdown()
+
+
+def test_rank_count_errors():
+    assert learner_ranks(LearnerConfig(backend="megatron", tp=2, pp=1)) == 2
+    assert learner_ranks(LearnerConfig()) == 1
+    with pytest.raises(ConfigError, match="learner.backend=megatron, or learner.tp=1"):
+        learner_ranks(LearnerConfig(tp=2))
+    with pytest.raises(ConfigError, match="must both be >= 1"):
+        learner_ranks(LearnerConfig(backend="megatron", tp=0))
