@@ -368,9 +368,15 @@ def test_sglang_launcher_fails_early_without_sglang(tmp_path):
     cmd = sglang_command("/models/x", cfg, 30000)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"]
+    from asyncopd.teacher.config import TeacherConfig
+
+    tcmd = sglang_command("/models/t", TeacherConfig(tp=8, sglang_args="--dtype bfloat16"), 30001)
+    assert tcmd[-4:] == ["--tp", "8", "--dtype", "bfloat16"]
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here: the missing-install path cannot be exercised")
     with pytest.raises(RuntimeError) as e:
         SGLangServerHost(str(tmp_path), cfg).start()
     assert str(e.value) == MISSING
     assert "pip install .[gpu]" in MISSING
+    with pytest.raises(RuntimeError, match=r"^teacher.backend=sglang needs `pip install .\[gpu\]`"):
+        SGLangServerHost(str(tmp_path), TeacherConfig(backend="sglang")).start()

@@ -223,3 +223,35 @@ def test_api_key_and_bind_rules(model):
         assert len(scores) == 2
     finally:
         server.stop()
+
+
+def test_sglang_prefill_teacher_client_against_the_engine(model):
+    """teacher.backend=sglang speaks stock SGLang's prefill /generate; our engine serves the same API."""
+    from asyncopd.rollout.engine import RolloutEngine
+    from asyncopd.rollout.http_server import RolloutServer
+    from asyncopd.teacher.client import SGLangTeacherClient, make_teacher_client
+
+    servers = [RolloutServer(RolloutEngine(model, "")).start() for _ in range(2)]
+    try:
+        client = make_teacher_client("sglang", [s.url for s in servers])
+        assert isinstance(client, SGLangTeacherClient)
+        rollouts = _random_rollouts(7, seed=6)
+        rollouts[2].response_ids = rollouts[2].response_ids[:0]
+        scores = client.score(rollouts, top_k=4)
+        assert client.last_stats["replicas_used"] == 2
+        for ro, sc in zip(rollouts, scores, strict=True):
+            assert sc.topk_ids.shape == (ro.num_tokens, 4) and sc.query_logprobs is None
+            if not ro.num_tokens:
+                continue
+            seq = np.concatenate([ro.prompt_ids, ro.response_ids])
+            ti, tv, tok, _ = _brute(model, seq, len(ro.prompt_ids), 4)
+            np.testing.assert_array_equal(sc.topk_ids, ti)
+            np.testing.assert_allclose(sc.topk_logprobs, tv, atol=1e-5)
+            np.testing.assert_allclose(sc.token_logprob, tok, atol=1e-5)
+        with pytest.raises(ValueError, match="with_queries=True .* teacher.backend=embedded"):
+            client.score(_random_rollouts(2, m=2), top_k=2, with_queries=True)
+        with pytest.raises(ValueError, match="teacher.backend"):
+            make_teacher_client("vllm", [servers[0].url])
+    finally:
+        for s in servers:
+            s.stop()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+import json
+
+from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from asyncopd.net.server import ServerThread, check_bind, make_app, read_json
@@ -33,7 +35,10 @@ def build_app(engine: RolloutEngine, api_key: str = ""):
     @app.post("/generate")
     async def generate(request: Request):
         payload = await read_json(request)
-        return await run_in_threadpool(engine.generate, payload)
+        # Serialise in the worker thread with plain json: FastAPI's generic encoder walks every nested
+        # list element in Python and dominates the cost of large logprob / MC answers.
+        body = await run_in_threadpool(lambda: json.dumps(engine.generate(payload), separators=(",", ":")))
+        return Response(body, media_type="application/json")
 
     @app.post("/init_weights_update_group")
     async def init_group(request: Request):

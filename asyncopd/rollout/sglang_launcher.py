@@ -1,7 +1,9 @@
-"""rollout.backend=sglang: a Ray actor that runs `python -m sglang.launch_server` and waits for /health.
+"""backend=sglang: a Ray actor that runs `python -m sglang.launch_server` and waits for /health.
 
-The server speaks the same HTTP API as the embedded engine, so SGLangClient and the weight sync work
-unchanged. sglang is imported by the subprocess only; a missing install fails here, early and clearly.
+For the rollout fleet (RolloutConfig) the server speaks the same HTTP API as the embedded engine, so
+SGLangClient and the weight sync work unchanged; for the teacher (TeacherConfig, tp -> --tp) it serves
+prefill scoring to SGLangTeacherClient. sglang is imported by the subprocess only; a missing install
+fails here, early and clearly.
 """
 
 from __future__ import annotations
@@ -22,28 +24,36 @@ from asyncopd.net.client import ServerError
 from asyncopd.net.server import check_bind
 from asyncopd.rollout.client import SGLangClient
 from asyncopd.rollout.config import RolloutConfig
+from asyncopd.teacher.config import TeacherConfig
 from asyncopd.weights.process_group import find_free_port
 
 MISSING = "rollout.backend=sglang needs `pip install .[gpu]` (sglang not importable)"
 
 
-def require_sglang() -> None:
+def _role(cfg: RolloutConfig | TeacherConfig) -> str:
+    return "teacher" if isinstance(cfg, TeacherConfig) else "rollout"
+
+
+def require_sglang(role: str = "rollout") -> None:
     if importlib.util.find_spec("sglang") is None:
-        raise RuntimeError(MISSING)
+        raise RuntimeError(MISSING.replace("rollout.", f"{role}.", 1))
 
 
-def sglang_command(model_path: str, cfg: RolloutConfig, port: int) -> list[str]:
+def sglang_command(model_path: str, cfg: RolloutConfig | TeacherConfig, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path, "--host", cfg.host,
            "--port", str(port)]
     if cfg.api_key:
         cmd += ["--api-key", cfg.api_key]
+    if getattr(cfg, "tp", 1) > 1:
+        cmd += ["--tp", str(cfg.tp)]
     return cmd + shlex.split(cfg.sglang_args)
 
 
 class SGLangServerHost:
-    def __init__(self, model_path: str, cfg: RolloutConfig, log_dir: str = ""):
+    def __init__(self, model_path: str, cfg: RolloutConfig | TeacherConfig, log_dir: str = ""):
         self.model_path = model_path
         self.cfg = cfg
+        self.role = _role(cfg)
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
         self._url = ""
@@ -57,8 +67,8 @@ class SGLangServerHost:
     def start(self) -> str:
         if self.proc is not None:
             return self._url
-        require_sglang()
-        check_bind(self.cfg.host, self.cfg.api_key, "rollout")
+        require_sglang(self.role)
+        check_bind(self.cfg.host, self.cfg.api_key, self.role)
         port = self.cfg.port or find_free_port("127.0.0.1" if self.cfg.host in ("0.0.0.0", "") else self.cfg.host)
         log_dir = Path(self.log_dir or tempfile.mkdtemp(prefix="sglang-"))
         log_dir.mkdir(parents=True, exist_ok=True)

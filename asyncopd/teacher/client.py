@@ -138,3 +138,66 @@ class TeacherClient:
         self.totals["request_bytes"] += req_bytes
         self.totals["response_bytes"] += resp_bytes
         return results
+
+
+class SGLangTeacherClient(TeacherClient):
+    """teacher.backend=sglang: the same `score` through stock SGLang's prefill-only `/generate`.
+
+    One batched request per replica: input_ids = prompt + response, max_new_tokens = 0,
+    return_logprob, logprob_start_len = prompt length, top_logprobs_num = K; the answer's
+    input_token_logprobs / input_top_logprobs are the scores. Per-position query ids (MC samples) are
+    not part of SGLang's API: `with_queries=True` fails early and says what to use instead.
+    Scores arrive as JSON, so bytes per token are larger than the binary server's.
+    """
+
+    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False) -> list[TeacherScores]:
+        if with_queries:
+            raise ValueError("with_queries=True (teacher scores of the MC samples) needs the embedded teacher "
+                             "server or a patched SGLang: stock SGLang scores one fixed id list per request, not "
+                             "per position; set teacher.backend=embedded or estimator mc_samples=0")
+        return super().score(rollouts, top_k, with_queries)
+
+    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int,
+                     with_queries: bool) -> tuple[list[TeacherScores], int, int]:
+        def empty(t: int) -> TeacherScores:
+            return TeacherScores(np.zeros((t, top_k), np.int32), np.zeros((t, top_k), np.float32),
+                                 np.zeros(t, np.float32))
+
+        out = [empty(r.num_tokens) for r in rollouts]
+        todo = [i for i, r in enumerate(rollouts) if r.num_tokens > 0]
+        if not todo:
+            return out, 0, 0
+        payload: dict = {
+            "input_ids": [np.concatenate([rollouts[i].prompt_ids, rollouts[i].response_ids]).tolist() for i in todo],
+            "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+            "logprob_start_len": [len(rollouts[i].prompt_ids) for i in todo]}
+        if top_k:
+            payload["top_logprobs_num"] = int(top_k)
+        r = replica.request("POST", "/generate", json=payload)
+        items = r.json()
+        if not isinstance(items, list) or len(items) != len(todo):
+            raise ServerError(f"{replica.base_url}/generate: expected {len(todo)} results")
+        for i, item in zip(todo, items, strict=True):
+            meta, t = item.get("meta_info", {}), rollouts[i].num_tokens
+            toks = meta.get("input_token_logprobs") or []
+            if len(toks) != t:
+                raise ServerError(f"{replica.base_url}/generate: {len(toks)} input_token_logprobs for a "
+                                  f"response of {t} tokens")
+            sc = out[i]
+            sc.token_logprob[:] = [e[0] for e in toks]
+            if top_k:
+                tops = meta.get("input_top_logprobs") or []
+                if len(tops) != t or any(row is None or len(row) != top_k for row in tops):
+                    raise ServerError(f"{replica.base_url}/generate: input_top_logprobs is not [{t}][{top_k}]")
+                sc.topk_logprobs[:] = [[e[0] for e in row] for row in tops]
+                sc.topk_ids[:] = [[e[1] for e in row] for row in tops]
+        return out, len(r.request.body or b""), len(r.content)
+
+
+def make_teacher_client(backend: str, urls: Sequence[str] | str, api_key: str = "", timeout_s: float = 300.0,
+                        wire_dtype: str = "float32") -> TeacherClient:
+    """The client for teacher.backend: "embedded" (binary /score) or "sglang" (prefill /generate)."""
+    kinds = {"embedded": TeacherClient, "sglang": SGLangTeacherClient}
+    if backend not in kinds:
+        raise ValueError(f"teacher.backend must be one of {sorted(kinds)}, got {backend!r}")
+    return kinds[backend](urls, api_key, timeout_s, wire_dtype)

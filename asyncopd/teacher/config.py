@@ -15,3 +15,5 @@ class TeacherConfig:
     wire_dtype: str = "float32"  # float32 | float16: dtype of logprobs on the wire
     request_timeout_s: float = 300.0
     max_tokens_per_forward: int = 32768  # padded tokens per micro-batch forward inside one /score call
+    startup_timeout_s: float = 600.0  # backend=sglang: how long to wait for the server's /health
+    sglang_args: str = ""  # backend=sglang: extra flags for `python -m sglang.launch_server` (--tp comes from tp)
