@@ -19,6 +19,24 @@ class Requirements:
     mc_samples: int = 0  # rollout engine draws M samples/position; teacher scores them
     student_top_k: int = 0  # rollout engine records the student's top-k support
     needs_prox: bool = False  # learner recomputes log pi_prox before the update
+    # the teacher scores the student's top-k ids as per-position query ids (sparse_rkl on the
+    # student support): fills batch.teacher_student_topk_logprobs
+    teacher_scores_student_topk: bool = False
+
+    def batch_fields(self) -> frozenset[str]:
+        """The optional EstimatorBatch fields these requirements fill (the always-present ones aside)."""
+        fields: set[str] = set()
+        if self.teacher_top_k:
+            fields |= {"teacher_topk_ids", "teacher_topk_logprobs"}
+        if self.mc_samples:
+            fields |= {"mc_ids", "mc_old_logprobs", "teacher_mc_logprobs"}
+        if self.student_top_k:
+            fields.add("student_topk_ids")
+        if self.teacher_scores_student_topk:
+            fields.add("teacher_student_topk_logprobs")
+        if self.needs_prox:
+            fields.add("prox_logprobs")
+        return frozenset(fields)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """What every estimator sees: rollout fields and teacher scores as padded tensors [B, T, ...]."""
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,3 +19,9 @@ class EstimatorBatch:
     teacher_mc_logprobs: torch.Tensor | None = None  # float [B, T, M]: log p_T of the MC draws
     student_topk_ids: torch.Tensor | None = None  # long [B, T, K]: student support frozen at rollout
     prox_logprobs: torch.Tensor | None = None  # float [B, T]: log pi_prox(y_t), decoupled PPO only
+    # float [B, T, K_S]: log p_T of the student_topk_ids (the teacher scores them as query ids);
+    # sparse_rkl with sparse_support=student only (Requirements.teacher_scores_student_topk).
+    teacher_student_topk_logprobs: torch.Tensor | None = None
+    # Tensor parallel: when set, the logits passed to the loss are this rank's vocabulary shard
+    # (asyncopd.estimators.vocab_parallel.VocabShard); every id field stays global.
+    vocab_shard: Any = None
