@@ -255,3 +255,15 @@ def test_sglang_prefill_teacher_client_against_the_engine(model):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_teacher_host_config_errors(tmp_path):
+    from asyncopd.teacher.actor import TeacherHost
+    from asyncopd.teacher.config import TeacherConfig
+
+    with pytest.raises(ValueError, match="teacher.tp=2"):
+        TeacherHost(str(tmp_path), TeacherConfig(tp=2))
+    with pytest.raises(FileNotFoundError, match="model.teacher_path="):
+        TeacherHost(str(tmp_path / "missing"), TeacherConfig()).start()
+    with pytest.raises(RuntimeError, match="not started"):
+        TeacherHost(str(tmp_path), TeacherConfig()).url()

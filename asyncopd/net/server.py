@@ -129,6 +129,25 @@ class ServerThread:
         self._sock.close()
 
 
+class HttpService:
+    """Base of the rollout and teacher servers: serves `self.app` once `start()` is called."""
+
+    def _listen(self, app: FastAPI, host: str, port: int) -> None:
+        self.app = app
+        self._server = ServerThread(app, host, port)
+
+    @property
+    def url(self) -> str:
+        return self._server.url
+
+    def start(self):
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
 def tokenizer_fingerprint_of(path: str | Path) -> str:
     """The vocabulary fingerprint the pipeline compares between teacher and student.
 

@@ -257,9 +257,9 @@ class RolloutEngine:
                 "mc_samples": mc, "rids": rids}
 
     def _score(self, seqs, starts, top_k, queries, temperature, guard):
-        with guard() as version:
-            res = score_sequences(self.model, seqs, starts, top_k, queries, temperature=temperature)
-        return res, version
+        """One scoring forward, between decode steps like any other forward (same weights lock)."""
+        with guard():
+            return score_sequences(self.model, seqs, starts, top_k, queries, temperature=temperature)
 
     def generate(self, req: dict) -> dict | list[dict]:
         t0 = time.perf_counter()
@@ -330,7 +330,7 @@ class RolloutEngine:
             return out
         seqs = [r["prompts"][i] for i in want]
         starts = [max(r["logprob_start_len"][i], 1) for i in want]
-        res, _ = self._score(seqs, starts, k, None, 1.0, guard)
+        res = self._score(seqs, starts, k, None, 1.0, guard)
         for j, i in enumerate(want):
             a, b = int(res.offsets[j]), int(res.offsets[j + 1])
             p = r["prompts"][i]
@@ -361,7 +361,7 @@ class RolloutEngine:
                            (0, width - len(r["token_ids_logprob"][i]))), (len(outs[i].output_ids), 1))
             for i in want])
         temp = r["sampling"]["temperature"] or 1.0
-        res, _ = self._score(seqs, starts, 0, queries, temp, guard)
+        res = self._score(seqs, starts, 0, queries, temp, guard)
         for j, i in enumerate(want):
             ids = r["token_ids_logprob"][i]
             a, b = int(res.offsets[j]), int(res.offsets[j + 1])

@@ -7,7 +7,7 @@ import json
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from asyncopd.net.server import ServerThread, check_bind, make_app, read_json
+from asyncopd.net.server import HttpService, check_bind, make_app, read_json
 from asyncopd.rollout.engine import RolloutEngine
 
 
@@ -71,23 +71,14 @@ def build_app(engine: RolloutEngine, api_key: str = ""):
     return app
 
 
-class RolloutServer:
+class RolloutServer(HttpService):
     """A RolloutEngine served on host:port (port 0 = free port); `.url` is the base URL."""
 
     def __init__(self, engine: RolloutEngine, *, host: str = "127.0.0.1", port: int = 0, api_key: str = ""):
         check_bind(host, api_key, "rollout")
         self.engine = engine
-        self.app = build_app(engine, api_key)
-        self._server = ServerThread(self.app, host, port)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> RolloutServer:
-        self._server.start()
-        return self
+        self._listen(build_app(engine, api_key), host, port)
 
     def stop(self) -> None:
-        self._server.stop()
+        super().stop()
         self.engine.close()

@@ -4,42 +4,31 @@ from __future__ import annotations
 
 import ray
 
-from asyncopd.net.actor import public_url, set_threads
+from asyncopd.net.actor import ServiceHost, set_threads
 from asyncopd.teacher.config import TeacherConfig
 
 
-class TeacherHost:
+class TeacherHost(ServiceHost):
     """Loads the HF checkpoint (fp32, eval), serves /score on cfg.host (port 0 = free); `start()` -> URL."""
+
+    role = "teacher"
+    cfg: TeacherConfig
 
     def __init__(self, model_path: str, cfg: TeacherConfig):
         if cfg.tp != 1:
             raise ValueError(f"teacher.tp={cfg.tp}: the embedded teacher server runs one shard per replica; "
                              "use teacher.tp=1 (scale with teacher.replicas) or teacher.backend=sglang")
-        self.model_path = model_path
-        self.cfg = cfg
-        self.server = None
+        super().__init__(model_path, cfg)
 
-    def start(self) -> str:
-        if self.server is None:
-            from asyncopd.model.build import load_model
-            from asyncopd.teacher.server import TeacherServer
+    def _launch(self):
+        from asyncopd.model.build import load_model
+        from asyncopd.teacher.server import TeacherServer
 
-            set_threads(self.cfg.threads)
-            model = load_model(self.model_path, field="model.teacher_path")
-            self.server = TeacherServer(model, self.model_path, host=self.cfg.host, port=self.cfg.port,
-                                        api_key=self.cfg.api_key,
-                                        max_tokens_per_forward=self.cfg.max_tokens_per_forward).start()
-        return self.url()
-
-    def url(self) -> str:
-        if self.server is None:
-            raise RuntimeError("teacher not started: call start() first")
-        return public_url(self.server.url, self.cfg.host)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        set_threads(self.cfg.threads)
+        model = load_model(self.model_path, field="model.teacher_path")
+        return TeacherServer(model, self.model_path, host=self.cfg.host, port=self.cfg.port,
+                             api_key=self.cfg.api_key, max_tokens_per_forward=self.cfg.max_tokens_per_forward
+                             ).start()
 
 
 TeacherActor = ray.remote(TeacherHost)

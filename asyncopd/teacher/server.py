@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from asyncopd.net.server import ApiError, ServerThread, check_bind, make_app, model_card
+from asyncopd.net.server import ApiError, HttpService, check_bind, make_app, model_card
 from asyncopd.teacher import wire
 from asyncopd.teacher.scorer import score_sequences
 
@@ -37,7 +37,7 @@ def _int_array(arrays: dict, name: str, ndim: int, required: bool = True) -> np.
     return a.astype(np.int64, copy=False)
 
 
-class TeacherServer:
+class TeacherServer(HttpService):
     def __init__(self, model, model_path: str = "", *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str = "", max_tokens_per_forward: int = 32768):
         check_bind(host, api_key, "teacher")
@@ -48,19 +48,7 @@ class TeacherServer:
         self.max_tokens_per_forward = max_tokens_per_forward
         self._forward_lock = threading.Lock()  # one forward at a time: CPU threads are the budget
         self.stats = {"requests": 0, "tokens": 0, "busy_s": 0.0}
-        self.app = self._build_app(api_key)
-        self._server = ServerThread(self.app, host, port)
-
-    @property
-    def url(self) -> str:
-        return self._server.url
-
-    def start(self) -> TeacherServer:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
+        self._listen(self._build_app(api_key), host, port)
 
     # ---- request handling -------------------------------------------------------------------------
     def parse(self, body: bytes) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None, int, str]:
