@@ -101,6 +101,7 @@ class RolloutEngine:
         self.group_timeout_s = group_timeout_s
         # name -> parameter (tied weights appear under every name, e.g. lm_head.weight and embed_tokens).
         self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters(remove_duplicate=False))
+        self.device = next(self.model.parameters()).device  # where broadcasts land (CUDA for NCCL)
 
         self._cond = threading.Condition()  # the weights lock; held for one forward at a time
         self._paused = False
@@ -476,7 +477,7 @@ class RolloutEngine:
                 errors.append(f"commit must be a bool, got {commit!r}")
             t0 = time.perf_counter()
             try:
-                received = recv_bucket(self._group, [str(n) for n in names], parsed, shapes)
+                received = recv_bucket(self._group, [str(n) for n in names], parsed, shapes, device=self.device)
             except Exception as e:
                 self._staged = {}
                 raise self._fail(f"receiving the broadcast failed ({type(e).__name__}: {e}); the weight group "
