@@ -10,7 +10,7 @@ from asyncopd.config.schema import Config
 from asyncopd.model.paths import ModelPaths
 from asyncopd.rollout.client import SGLangClient
 from asyncopd.rollout.types import Rollout
-from asyncopd.teacher.client import TeacherClient
+from asyncopd.teacher.client import TeacherClient, make_teacher_client
 
 
 class VocabularyMismatch(ValueError):
@@ -29,22 +29,22 @@ class Fleet:
 
     @classmethod
     def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
-        if cfg.rollout.backend == "sglang":
-            from asyncopd.rollout.sglang_launcher import SGLangServerActor as EngineActor
-        else:
-            from asyncopd.rollout.actor import RolloutEngineActor as EngineActor
+        from asyncopd.rollout.actor import RolloutEngineActor
+        from asyncopd.rollout.sglang_launcher import SGLangServerActor
         from asyncopd.teacher.actor import TeacherActor
 
+        EngineActor = SGLangServerActor if cfg.rollout.backend == "sglang" else RolloutEngineActor
+        TeacherHostActor = SGLangServerActor if cfg.teacher.backend == "sglang" else TeacherActor
         engine_actors = [EngineActor.options(num_cpus=0).remote(paths.student, cfg.rollout)
                          for _ in range(cfg.rollout.num_engines)]
-        teacher_actors = [TeacherActor.options(num_cpus=0).remote(paths.teacher, cfg.teacher)
+        teacher_actors = [TeacherHostActor.options(num_cpus=0).remote(paths.teacher, cfg.teacher)
                           for _ in range(cfg.teacher.replicas)]
         engine_urls = ray.get([a.start.remote() for a in engine_actors])
         teacher_urls = ray.get([a.start.remote() for a in teacher_actors])
         engines = [SGLangClient(u, api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.request_timeout_s)
                    for u in engine_urls]
-        teacher = TeacherClient(teacher_urls, api_key=cfg.teacher.api_key,
-                                timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
+        teacher = make_teacher_client(cfg.teacher.backend, teacher_urls, api_key=cfg.teacher.api_key,
+                                      timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
         prepared = Path(cfg.model.artifacts_dir) / "prepare.json"
         accuracy = None
         if not cfg.model.teacher_path and prepared.exists():
@@ -83,6 +83,10 @@ class Fleet:
         return out
 
     def shutdown(self) -> None:
+        """Servers stop first (engines leave the weight group while its rank 0 still exists), then die."""
         self.pool.shutdown(wait=False)
-        for a in self.actors:
-            ray.kill(a)
+        try:
+            ray.get([a.stop.remote() for a in self.actors], timeout=30)
+        finally:
+            for a in self.actors:
+                ray.kill(a)

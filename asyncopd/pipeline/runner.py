@@ -133,7 +133,7 @@ def run_training(cfg: Config) -> dict:
     try:
         fleet.check_vocabularies()
         learner = LearnerGroup.launch(cfg, paths.student)
-        sync = WeightSync(cfg.weights, learner, fleet.engines)
+        sync = WeightSync(cfg.weights, learner, fleet.engines, pause_engines=cfg.rollout.backend == "sglang")
         sync.init_group()
         start = resume(cfg, learner, sync)
         problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
@@ -166,9 +166,9 @@ def run_training(cfg: Config) -> dict:
         return summary
     finally:
         logger.close()
+        fleet.shutdown()
         if learner is not None:
             learner.shutdown()
-        fleet.shutdown()
         if owns_ray:
             ray.shutdown()
 

@@ -13,8 +13,9 @@ GROUP_NAME = "asyncopd_weights"
 class WeightSync:
     """Learner rank 0, engine i rank i + 1: one group, bucketed per-tensor broadcasts (SGLang's protocol)."""
 
-    def __init__(self, cfg: WeightSyncConfig, learner, engines: list[SGLangClient]):
+    def __init__(self, cfg: WeightSyncConfig, learner, engines: list[SGLangClient], pause_engines: bool = False):
         self.cfg = cfg
+        self.pause_engines = pause_engines  # stock SGLang loads each bucket at once: pause around the update
         self.learner = learner
         self.engines = engines
         self.bucket_bytes = int(cfg.bucket_mb * 2**20)
@@ -41,8 +42,15 @@ class WeightSync:
         t0 = time.perf_counter()
 
         def receive(engine: SGLangClient) -> None:
-            for bucket in self.buckets:
-                engine.update_weights_from_distributed(**bucket, weight_version=str(version))
+            """Stage every bucket, swap them all in with the last one: no decode step sees a mix."""
+            if self.pause_engines:
+                engine.pause_generation()
+            last = len(self.buckets) - 1
+            for i, bucket in enumerate(self.buckets):
+                engine.update_weights_from_distributed(
+                    **bucket, commit=i == last, weight_version=str(version) if i == last else None)
+            if self.pause_engines:
+                engine.continue_generation()
 
         received = [self.pool.submit(receive, e) for e in self.engines]
         self.learner.broadcast_weights(self.bucket_bytes)
