@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -81,3 +82,13 @@ def test_resume_keeps_the_version_clock(tiny_artifacts, tmp_path):
     assert [e.step for e in scalars(tmp_path / "b")["loss"]] == [4, 5]
     state = torch.load(tmp_path / "b" / "checkpoint" / "learner_state.pt", weights_only=False)
     assert state["version"] == 6
+
+
+@pytest.mark.parametrize("estimator", ["mc_rkl", "sparse_rkl_student", "decoupled_ppo"])
+def test_estimators_that_need_extra_fields_run_through_the_pipeline(tiny_artifacts, tmp_path, estimator):
+    """MC samples (engine draws M, teacher scores them), the student's top-k support (teacher scores it),
+    and the proximal policy (learner recomputes it): each estimator gets exactly what it asks for."""
+    summary = run_training(small_run(tiny_artifacts, tmp_path, f"estimator={estimator}", "estimator.mc_samples=4",
+                                     "pipeline.steps=2", "pipeline.eval_every=0"))
+    assert summary["estimator"] == estimator.removesuffix("_student")
+    assert np.isfinite(summary["final_loss"])

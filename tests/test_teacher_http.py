@@ -129,6 +129,27 @@ def test_score_round_trip_equals_brute_force(servers, model, with_queries):
             assert sc.query_logprobs is None
 
 
+def test_student_topk_scores_split_from_mc_scores(servers, model):
+    """Both query sets travel as one [T, M + K_S] matrix and come back split, each equal to brute force."""
+    rollouts = _random_rollouts(5, seed=3, m=3)
+    rng = np.random.default_rng(3)
+    for r in rollouts:
+        r.student_topk_ids = rng.integers(0, VOCAB, size=(r.num_tokens, 2)).astype(np.int32)
+    client = TeacherClient([s.url for s in servers])
+    scores = client.score(rollouts, top_k=2, with_queries=True, with_student_topk=True)
+    for ro, sc in zip(rollouts, scores, strict=True):
+        seq = np.concatenate([ro.prompt_ids, ro.response_ids])
+        *_, q_mc = _brute(model, seq, len(ro.prompt_ids), 2, ro.mc_ids)
+        *_, q_st = _brute(model, seq, len(ro.prompt_ids), 2, ro.student_topk_ids)
+        np.testing.assert_allclose(sc.query_logprobs, q_mc, atol=1e-5)
+        np.testing.assert_allclose(sc.student_topk_logprobs, q_st, atol=1e-5)
+    only = client.score(rollouts, top_k=2, with_student_topk=True)
+    assert only[0].query_logprobs is None and only[0].student_topk_logprobs.shape == (rollouts[0].num_tokens, 2)
+    rollouts[0].student_topk_ids = None
+    with pytest.raises(ValueError, match="student_topk_ids needs rollouts generated with top_logprobs_num"):
+        client.score(rollouts, top_k=2, with_student_topk=True)
+
+
 def test_float16_wire_halves_logprob_bytes(servers):
     rollouts = _random_rollouts(16, seed=2, m=8, max_resp=20)
     c32 = TeacherClient([servers[0].url], wire_dtype="float32")
@@ -248,7 +269,7 @@ def test_sglang_prefill_teacher_client_against_the_engine(model):
             np.testing.assert_array_equal(sc.topk_ids, ti)
             np.testing.assert_allclose(sc.topk_logprobs, tv, atol=1e-5)
             np.testing.assert_allclose(sc.token_logprob, tok, atol=1e-5)
-        with pytest.raises(ValueError, match="with_queries=True .* teacher.backend=embedded"):
+        with pytest.raises(ValueError, match="per-position query scores .* teacher=embedded"):
             client.score(_random_rollouts(2, m=2), top_k=2, with_queries=True)
         with pytest.raises(ValueError, match="teacher.backend"):
             make_teacher_client("vllm", [servers[0].url])

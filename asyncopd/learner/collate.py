@@ -57,6 +57,7 @@ def collate(pairs: list[tuple[Rollout, TeacherScores]], pad_id: int) -> LearnerB
         mc_old_logprobs=_pad([r.mc_logprobs for r in rollouts], T, 0.0, torch.float32),
         teacher_mc_logprobs=_pad([s.query_logprobs for s in scores], T, 0.0, torch.float32),
         student_topk_ids=_pad([r.student_topk_ids for r in rollouts], T, 0, torch.long),
+        teacher_student_topk_logprobs=_pad([s.student_topk_logprobs for s in scores], T, 0.0, torch.float32),
     )
     return LearnerBatch(input_ids, attention_mask, response_index, est, [r.version_start for r in rollouts])
 

@@ -68,7 +68,8 @@ class OPDStages:
 
     def score(self, s: int, rollouts: list[Rollout]) -> list[tuple[Rollout, TeacherScores]]:
         scores = self.fleet.teacher.score(rollouts, top_k=self.req.teacher_top_k,
-                                          with_queries=self.req.mc_samples > 0)
+                                          with_queries=self.req.mc_samples > 0,
+                                          with_student_topk=self.req.teacher_scores_student_topk)
         return list(zip(rollouts, scores, strict=True))
 
     def learn(self, s: int, pairs: list[tuple[Rollout, TeacherScores]]) -> None:

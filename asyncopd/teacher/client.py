@@ -59,15 +59,17 @@ class TeacherClient:
                                   f"{[infos[0].get(k) for k in keys]}, {r.base_url} has {[info.get(k) for k in keys]}")
         return infos
 
-    def _request(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool) -> bytes:
+    def _request(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool,
+                  with_student_topk: bool) -> bytes:
         seqs, starts, lengths, queries = [], [], [], []
+        asks = with_queries or with_student_topk
         for r in rollouts:
             seqs.append(np.asarray(r.prompt_ids, dtype=np.int32))
             seqs.append(np.asarray(r.response_ids, dtype=np.int32))
             starts.append(len(r.prompt_ids))
             lengths.append(len(r.prompt_ids) + len(r.response_ids))
-            if with_queries:
-                queries.append(np.asarray(r.mc_ids, dtype=np.int32))
+            if asks:
+                queries.append(_query_ids(r, with_queries, with_student_topk))
         offsets = np.zeros(len(rollouts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         arrays = {
@@ -75,13 +77,13 @@ class TeacherClient:
             "offsets": offsets,
             "score_start": np.asarray(starts, dtype=np.int64),
         }
-        if with_queries:
+        if asks:
             arrays["query_ids"] = np.concatenate(queries) if queries else np.zeros((0, 0), np.int32)
         return wire.encode(arrays, {"top_k": int(top_k), "wire_dtype": self.wire_dtype})
 
-    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int,
-                     with_queries: bool) -> tuple[list[TeacherScores], int, int]:
-        body = self._request(rollouts, top_k, with_queries)
+    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int, with_queries: bool,
+                     with_student_topk: bool) -> tuple[list[TeacherScores], int, int]:
+        body = self._request(rollouts, top_k, with_queries, with_student_topk)
         r = replica.request("POST", "/score", data=body, headers={"Content-Type": wire.CONTENT_TYPE})
         try:
             arrays, _meta = wire.decode(r.content)
@@ -95,32 +97,39 @@ class TeacherClient:
             if b - a != ro.num_tokens:
                 raise ServerError(f"{replica.base_url}/score: {b - a} positions for a rollout of {ro.num_tokens}")
             q = arrays.get("query_logprobs")
+            m = ro.mc_ids.shape[1] if with_queries else 0
             out.append(TeacherScores(
                 topk_ids=np.array(arrays["topk_ids"][a:b], dtype=np.int32),
                 topk_logprobs=np.array(arrays["topk_logprobs"][a:b], dtype=f32),
                 token_logprob=np.array(arrays["token_logprob"][a:b], dtype=f32),
-                query_logprobs=np.array(q[a:b], dtype=f32) if q is not None else None,
+                query_logprobs=np.array(q[a:b, :m], dtype=f32) if with_queries else None,
+                student_topk_logprobs=np.array(q[a:b, m:], dtype=f32) if with_student_topk else None,
             ))
         return out, len(body), len(r.content)
 
-    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False) -> list[TeacherScores]:
+    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False,
+              with_student_topk: bool = False) -> list[TeacherScores]:
+        """Top-k and sampled-token scores; with_queries adds the MC samples' scores, with_student_topk the
+        scores of the student's top-k ids frozen at rollout time (sparse reverse KL on the student support)."""
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        if with_queries:
-            missing = [i for i, r in enumerate(rollouts) if r.mc_ids is None]
+        for wanted, field, how in ((with_queries, "mc_ids", "mc_samples > 0"),
+                                   (with_student_topk, "student_topk_ids", "top_logprobs_num > 0")):
+            if not wanted:
+                continue
+            missing = [i for i, r in enumerate(rollouts) if getattr(r, field) is None]
             if missing:
-                raise ValueError(f"with_queries=True needs rollouts with mc_ids (generate with mc_samples > 0); "
-                                 f"rollout {missing[0]} has none")
-            widths = {int(r.mc_ids.shape[1]) for r in rollouts}
+                raise ValueError(f"scoring {field} needs rollouts generated with {how}; rollout {missing[0]} has none")
+            widths = {int(getattr(r, field).shape[1]) for r in rollouts}
             if len(widths) > 1:
-                raise ValueError(f"all rollouts in one score() call need the same mc_samples; got {sorted(widths)}")
+                raise ValueError(f"all rollouts in one score() call need the same {field} width; got {sorted(widths)}")
         if not rollouts:
             return []
         t0 = time.perf_counter()
         sizes = [len(r.prompt_ids) + r.num_tokens for r in rollouts]
         ranges = _split_balanced(sizes, len(self.replicas))
-        futures = [self._pool.submit(self._score_chunk, self.replicas[k], rollouts[a:b], top_k, with_queries)
-                   for k, (a, b) in enumerate(ranges)]
+        futures = [self._pool.submit(self._score_chunk, self.replicas[k], rollouts[a:b], top_k, with_queries,
+                                     with_student_topk) for k, (a, b) in enumerate(ranges)]
         results, req_bytes, resp_bytes = [], 0, 0
         for f in futures:
             scores, nb_req, nb_resp = f.result()
@@ -150,15 +159,16 @@ class SGLangTeacherClient(TeacherClient):
     Scores arrive as JSON, so bytes per token are larger than the binary server's.
     """
 
-    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False) -> list[TeacherScores]:
-        if with_queries:
-            raise ValueError("with_queries=True (teacher scores of the MC samples) needs the embedded teacher "
-                             "server or a patched SGLang: stock SGLang scores one fixed id list per request, not "
-                             "per position; set teacher.backend=embedded or estimator mc_samples=0")
-        return super().score(rollouts, top_k, with_queries)
+    def score(self, rollouts: Sequence[Rollout], top_k: int, with_queries: bool = False,
+              with_student_topk: bool = False) -> list[TeacherScores]:
+        if with_queries or with_student_topk:
+            raise ValueError("per-position query scores (MC samples, the student's top-k support) need the embedded "
+                             "teacher server or a patched SGLang: stock SGLang scores one fixed id list per "
+                             "request, not per position; set teacher=embedded or pick another estimator")
+        return super().score(rollouts, top_k)
 
-    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int,
-                     with_queries: bool) -> tuple[list[TeacherScores], int, int]:
+    def _score_chunk(self, replica: HttpClient, rollouts: Sequence[Rollout], top_k: int, with_queries: bool,
+                     with_student_topk: bool) -> tuple[list[TeacherScores], int, int]:
         def empty(t: int) -> TeacherScores:
             return TeacherScores(np.zeros((t, top_k), np.int32), np.zeros((t, top_k), np.float32),
                                  np.zeros(t, np.float32))
@@ -192,6 +202,13 @@ class SGLangTeacherClient(TeacherClient):
                 sc.topk_logprobs[:] = [[e[0] for e in row] for row in tops]
                 sc.topk_ids[:] = [[e[1] for e in row] for row in tops]
         return out, len(r.request.body or b""), len(r.content)
+
+
+def _query_ids(r: Rollout, with_queries: bool, with_student_topk: bool) -> np.ndarray:
+    """Per-position ids the teacher scores: the MC samples, then the student's top-k (columns)."""
+    cols = [r.mc_ids] if with_queries else []
+    cols += [r.student_topk_ids] if with_student_topk else []
+    return np.concatenate([np.asarray(c, dtype=np.int32) for c in cols], axis=1)
 
 
 def make_teacher_client(backend: str, urls: Sequence[str] | str, api_key: str = "", timeout_s: float = 300.0,
