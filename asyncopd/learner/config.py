@@ -12,6 +12,7 @@ class LearnerConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     threads: int = 1
+    gpus_per_rank: float = 0.0  # Ray GPUs per learner rank (1 on a GPU cluster; Ray hides GPUs from 0)
     seed: int = 0
     tp: int = 1
     pp: int = 1

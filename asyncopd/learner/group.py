@@ -50,7 +50,8 @@ class LearnerGroup:
     def launch(cls, cfg: Config, model_path: str) -> "LearnerGroup":
         """Start the ranks and wait until every one has built its learner (errors surface here)."""
         world = learner_ranks(cfg.learner)
-        actors = [LearnerActor.options(num_cpus=0).remote(cfg, model_path, rank, world) for rank in range(world)]
+        rank_actor = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus_per_rank)
+        actors = [rank_actor.remote(cfg, model_path, rank, world) for rank in range(world)]
         try:
             if world == 1:
                 _gather([actors[0].version.remote()])

@@ -35,10 +35,10 @@ class Fleet:
 
         EngineActor = SGLangServerActor if cfg.rollout.backend == "sglang" else RolloutEngineActor
         TeacherHostActor = SGLangServerActor if cfg.teacher.backend == "sglang" else TeacherActor
-        engine_actors = [EngineActor.options(num_cpus=0).remote(paths.student, cfg.rollout)
-                         for _ in range(cfg.rollout.num_engines)]
-        teacher_actors = [TeacherHostActor.options(num_cpus=0).remote(paths.teacher, cfg.teacher)
-                          for _ in range(cfg.teacher.replicas)]
+        engine_host = EngineActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine)
+        teacher_host = TeacherHostActor.options(num_cpus=0, num_gpus=cfg.teacher.gpus_per_replica)
+        engine_actors = [engine_host.remote(paths.student, cfg.rollout) for _ in range(cfg.rollout.num_engines)]
+        teacher_actors = [teacher_host.remote(paths.teacher, cfg.teacher) for _ in range(cfg.teacher.replicas)]
         engine_urls = ray.get([a.start.remote() for a in engine_actors])
         teacher_urls = ray.get([a.start.remote() for a in teacher_actors])
         engines = [SGLangClient(u, api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.request_timeout_s)

@@ -8,6 +8,7 @@ class RolloutConfig:
     backend: str = "embedded"  # embedded | sglang
     num_engines: int = 1
     threads_per_engine: int = 1
+    gpus_per_engine: float = 0.0  # Ray GPUs per engine actor (an SGLang server's TP size on a cluster)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port (each engine gets its own)
     api_key: str = ""

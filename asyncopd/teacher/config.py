@@ -9,6 +9,7 @@ class TeacherConfig:
     replicas: int = 1
     tp: int = 1
     threads: int = 1
+    gpus_per_replica: float = 0.0  # Ray GPUs per teacher replica (its TP size on a cluster)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port (each replica gets its own)
     api_key: str = ""
