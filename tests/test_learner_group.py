@@ -21,8 +21,8 @@ from asyncopd.rollout.client import SGLangClient  # noqa: E402
 from asyncopd.rollout.engine import RolloutEngine  # noqa: E402
 from asyncopd.rollout.http_server import RolloutServer  # noqa: E402
 from asyncopd.weights.process_group import find_free_port  # noqa: E402
+from tests._learner_fixtures import ESTIMATOR, make_batch  # noqa: E402
 from tests.conftest import make_artifacts  # noqa: E402
-from tests.test_megatron_learner import ESTIMATOR, make_batch  # noqa: E402
 
 GROUP = "test_learner_group"
 BUCKET_BYTES = 4096  # several buckets for the tiny student

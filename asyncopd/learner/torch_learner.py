@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from asyncopd.estimators.base import build as build_estimator
+from asyncopd.estimators.common import Tokens
 from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.learner.collate import LearnerBatch, response_logits
 from asyncopd.learner.config import LearnerConfig
@@ -55,15 +56,22 @@ class TorchLearner:
         """Move the batch where the model lives (the embedded learner is CPU-only)."""
         return batch
 
+    @torch.no_grad()
+    def _prox_logprobs(self, batch: LearnerBatch) -> torch.Tensor:
+        """log pi_prox(y_t) under the weights before this update (decoupled PPO), chunked over tokens."""
+        tokens = Tokens.of(response_logits(self._forward_logits(batch), batch.response_index), batch.est,
+                           self.estimator_cfg)
+        prox = torch.zeros(batch.est.mask.shape, device=tokens.logits.device)
+        ids = tokens.pick(batch.est.response_ids).unsqueeze(-1)
+        prox.view(-1)[tokens.rows] = tokens.student(ids).logprobs[:, 0].float()
+        return prox
+
     def train_step(self, batch: LearnerBatch) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = self._to_device(batch)
         lags = check_staleness(self.version, batch.versions, self.max_staleness)
         if self.requirements.needs_prox:
-            with torch.no_grad():
-                logits = response_logits(self._forward_logits(batch), batch.response_index)
-                logp = torch.log_softmax(logits, dim=-1)
-                batch.est.prox_logprobs = logp.gather(-1, batch.est.response_ids.unsqueeze(-1)).squeeze(-1)
+            batch.est.prox_logprobs = self._prox_logprobs(batch)
         logits = response_logits(self._forward_logits(batch), batch.response_index)
         loss, metrics = self.estimator.loss(logits, batch.est, self.estimator_cfg)
         self.optimizer.zero_grad(set_to_none=True)

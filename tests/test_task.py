@@ -1,0 +1,135 @@
+"""The arithmetic task, its verifier and the character tokenizer."""
+
+import json
+import random
+
+import pytest
+
+from asyncopd.data.config import TaskConfig
+from asyncopd.data.task import (
+    TrainStream,
+    extract_answer,
+    make_problem,
+    sample_problem,
+    test_problems,
+    verify,
+)
+from asyncopd.data.tokenizer import CharTokenizer, build_hf_tokenizer, tokenizer_fingerprint
+
+
+def test_problem_format_matches_spec():
+    p = make_problem([38, 22, 64, 9], ["-", "+", "+"])
+    assert p.prompt == "Q:38-22+64+9="
+    assert p.response == "38-22=16;16+64=80;80+9=89;A:89"
+    assert p.answer == "89"
+    assert verify(p, p.response)
+
+
+def test_sampled_problems_are_consistent_and_in_range():
+    cfg = TaskConfig()
+    rng = random.Random(0)
+    counts = {2: 0, 3: 0, 4: 0}
+    for _ in range(3000):
+        p = sample_problem(rng, cfg)
+        counts[len(p.operands)] += 1
+        cur = p.operands[0]
+        assert 0 <= cur <= cfg.max_value
+        for o, v in zip(p.ops, p.operands[1:], strict=True):
+            assert 0 <= v <= cfg.max_value
+            cur = cur + v if o == "+" else cur - v
+            assert 0 <= cur <= cfg.max_value
+        assert p.answer == str(cur)
+        assert eval(p.prompt[2:-1]) == cur  # noqa: S307 - digits and +/- only
+        assert p == make_problem(list(p.operands), list(p.ops))
+    frac = {k: v / 3000 for k, v in counts.items()}
+    assert abs(frac[2] - 0.5) < 0.04 and abs(frac[3] - 0.3) < 0.04 and abs(frac[4] - 0.2) < 0.04
+
+
+def test_test_split_fixed_unique_and_train_stream_disjoint_deterministic():
+    cfg = TaskConfig(num_test=300)
+    a, b = test_problems(cfg), test_problems(cfg)
+    assert a == b and len(a) == 300 and len({p.prompt for p in a}) == 300
+    assert test_problems(TaskConfig(num_test=300, test_seed=cfg.test_seed + 1)) != a
+    test_prompts = {p.prompt for p in a}
+    s1 = TrainStream(cfg).take(3000)
+    assert not test_prompts & {p.prompt for p in s1}
+    assert TrainStream(cfg).take(3000) == s1
+    resumed = TrainStream(cfg, start=1000)
+    assert resumed.take(5) == s1[1000:1005] and resumed.position == 1005
+
+
+def test_train_stream_skips_test_prompts():
+    # a tiny value range makes collisions with the test split certain
+    cfg = TaskConfig(max_value=5, num_test=30, operand_counts=[2], operand_probs=[1.0])  # 42 prompts exist
+    test = {p.prompt for p in test_problems(cfg)}
+    drawn = TrainStream(cfg).take(200)
+    assert drawn and not test & {p.prompt for p in drawn}
+    with pytest.raises(ValueError, match="num_test"):
+        TrainStream(TaskConfig(max_value=5, num_test=42, operand_counts=[2], operand_probs=[1.0])).take(1)
+
+
+def test_verifier_exact_match_after_last_answer_mark():
+    p = make_problem([5, 3], ["+"])
+    assert verify(p, "5+3=8;A:8")
+    assert verify(p, "A:1;A:8")  # the last A: counts
+    assert not verify(p, "5+3=8;A:80")
+    assert not verify(p, "5+3=8;A:8;3")
+    assert not verify(p, "5+3=8")
+    assert extract_answer("no mark") is None
+    assert extract_answer("x;A: 12 ") == "12"
+
+
+def test_bad_task_config_is_named():
+    with pytest.raises(ValueError, match="operand_probs"):
+        test_problems(TaskConfig(operand_counts=[2, 3], operand_probs=[1.0]))
+    with pytest.raises(ValueError, match="num_test"):
+        test_problems(TaskConfig(max_value=2, num_test=500, operand_counts=[2], operand_probs=[1.0]))
+
+
+def test_tokenizer_round_trip_and_agreement_with_saved_json(tmp_path):
+    tok = CharTokenizer()
+    assert tok.vocab_size == 19 and tok.pad_token_id == 0 and tok.eos_token_id == 1
+    tok.save(tmp_path)
+    hf = build_hf_tokenizer()
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(1)
+    for _ in range(200):
+        p = sample_problem(rng, TaskConfig())
+        text = p.prompt + p.response
+        ids = tok.encode(text)
+        assert saved.encode(text).ids == ids == hf.encode(text).ids
+        assert tok.decode(ids + [tok.eos_token_id]) == text
+        assert saved.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert saved.encode("<eos>").ids == [tok.eos_token_id]
+    assert tok.decode([tok.eos_token_id, tok.pad_token_id], skip_special_tokens=False) == "<eos><pad>"
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    assert all(tok.token_to_id[t] == i for t, i in vocab.items())
+    assert CharTokenizer.load(tmp_path).vocab == tok.vocab
+    with pytest.raises(ValueError, match="not in the task vocabulary"):
+        tok.encode("Q:1*2=")
+
+
+def test_tokenizer_loads_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = CharTokenizer()
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "Q:38-22+64+9=38-22=16;16+64=80;80+9=89;A:89"
+    assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    assert hf.pad_token_id == tok.pad_token_id and hf.eos_token_id == tok.eos_token_id
+    assert hf.decode(tok.encode(text) + [tok.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_fingerprint_detects_vocab_differences(tmp_path):
+    CharTokenizer().save(tmp_path / "a")
+    CharTokenizer().save(tmp_path / "b")
+    swapped = list(CharTokenizer().vocab)
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    CharTokenizer(swapped).save(tmp_path / "c")
+    fa = tokenizer_fingerprint(tmp_path / "a")
+    assert fa == tokenizer_fingerprint(tmp_path / "b") == tokenizer_fingerprint(tmp_path / "b" / "tokenizer.json")
+    assert fa != tokenizer_fingerprint(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        tokenizer_fingerprint(tmp_path / "missing")

@@ -1,0 +1,69 @@
+"""TorchLearner: the staleness check, the proximal logprobs, weight export, and resume keeping the version."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.learner.collate import response_logits
+from asyncopd.learner.config import LearnerConfig
+from asyncopd.learner.staleness import StalenessViolation
+from asyncopd.learner.torch_learner import TorchLearner
+from tests._learner_fixtures import ESTIMATOR, make_batch, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(make_checkpoint(tmp_path_factory.mktemp("ckpt")))
+
+
+def test_train_step_checks_staleness_and_counts_versions(ckpt):
+    learner = TorchLearner(LearnerConfig(lr=1e-2), ESTIMATOR, ckpt, max_staleness=1)
+    metrics = learner.train_step(make_batch())  # samples of version 0 consumed at step 0
+    assert learner.version == 1 and metrics["staleness/0"] == 3.0
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert learner.train_step(make_batch())["staleness/1"] == 3.0  # consumed at step 1: one behind
+    with pytest.raises(StalenessViolation, match="pipeline.max_staleness=1"):
+        learner.train_step(make_batch())
+
+
+def test_prox_logprobs_equal_full_log_softmax(ckpt):
+    learner = TorchLearner(LearnerConfig(), EstimatorConfig(name="decoupled_ppo", chunk_tokens=2), ckpt, 0)
+    batch = make_batch()
+    prox = learner._prox_logprobs(batch)
+    with torch.no_grad():
+        full = torch.log_softmax(response_logits(learner._forward_logits(batch), batch.response_index), -1)
+    want = full.gather(-1, batch.est.response_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.est.mask
+    torch.testing.assert_close(prox[mask], want[mask], atol=1e-6, rtol=1e-6)
+    assert (prox[~mask] == 0).all()
+
+
+def test_weight_buckets_cover_every_parameter_once(ckpt):
+    learner = TorchLearner(LearnerConfig(), ESTIMATOR, ckpt, 0)
+    buckets = list(learner.named_weights_for_rollout(bucket_bytes=8192))
+    names = [n for b in buckets for n, _ in b]
+    assert len(buckets) > 1 and sorted(names) == sorted(n for n, _ in learner.model.named_parameters())
+    assert all(sum(t.nbytes for _, t in b) <= 8192 or len(b) == 1 for b in buckets)
+
+
+def test_save_load_resumes_weights_optimizer_and_version(ckpt, tmp_path):
+    cfg = LearnerConfig(lr=1e-2)
+    a = TorchLearner(cfg, ESTIMATOR, ckpt, max_staleness=4)
+    a.train_step(make_batch())
+    a.save(str(tmp_path / "ck"))
+    b = TorchLearner(cfg, ESTIMATOR, ckpt, max_staleness=4)
+    b.load(str(tmp_path / "ck"))
+    assert b.version == 1
+    ma, mb = a.train_step(make_batch(2)), b.train_step(make_batch(2))  # identical state -> identical step
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+    for (na, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, msg=na)
+    with pytest.raises(FileNotFoundError, match="learner_state.pt"):
+        b.load(ckpt)
+
+
+def test_unknown_estimator_is_a_clear_error(ckpt):
+    with pytest.raises(ValueError, match="estimator.name='nope'"):
+        TorchLearner(LearnerConfig(), dataclasses.replace(ESTIMATOR, name="nope"), ckpt, 0)
