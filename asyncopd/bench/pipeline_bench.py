@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+from asyncopd.bench.table import format_table
 from asyncopd.config.load import load_config
 
 QUICK = ["pipeline.steps=30", "pipeline.eval_every=0", "run.progress=false"]
@@ -47,7 +48,7 @@ def run_pipeline_bench(args: argparse.Namespace) -> list[dict]:
     for row in rows:
         row["speedup_vs_sync"] = row["samples_per_s"] / base
         row["efficiency"] = row["speedup_vs_sync"] / max(row["ideal_speedup"], 1e-9)
-    print(format_table(rows))
+    print(format_table(rows, TABLE))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(rows, indent=2))
@@ -56,14 +57,9 @@ def run_pipeline_bench(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'mode':<6} {'k':>2} {'samples/s':>10} {'vs sync':>8} {'ideal':>6} {'eff':>5} {'acc':>6} {'max lag':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['mode']:<6} {r['max_staleness']:>2} {r['samples_per_s']:>10.2f} "
-                     f"{r['speedup_vs_sync']:>7.2f}x {r['ideal_speedup']:>5.2f}x {r['efficiency']:>5.2f} "
-                     f"{r['final_accuracy']:>6.3f} {r['max_observed_staleness']:>7}")
-    return "\n".join(lines)
+TABLE = [("mode", "mode", "s"), ("max_staleness", "k", "d"), ("samples_per_s", "samples/s", ".2f"),
+         ("speedup_vs_sync", "vs sync", ".2f"), ("ideal_speedup", "ideal", ".2f"), ("efficiency", "eff", ".2f"),
+         ("final_accuracy", "accuracy", ".3f"), ("max_observed_staleness", "max lag", "d")]
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from asyncopd.bench.table import format_table as table
 from asyncopd.estimators.base import build
 from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.estimators.synthetic import draw_batch
@@ -215,15 +216,13 @@ def analyze(teacher: torch.Tensor, student: torch.Tensor, *, ks: list[int], ms: 
     return rows
 
 
+TABLE = [("estimator", "estimator", "s"), ("K", "K", "d"), ("M", "M", "d"), ("staleness", "stale", ".2f"),
+         ("staleness_kl", "KL(old|th)", ".4f"), ("bias", "bias", ".3e"), ("bias_noise_floor", "noise flr", ".3e"),
+         ("relative_bias", "rel bias", ".3f"), ("variance", "variance", ".3e")]
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'estimator':30s} {'K':>3s} {'M':>3s} {'stale':>6s} {'KL(old|th)':>10s} {'bias':>10s} " \
-           f"{'noise flr':>10s} {'rel bias':>8s} {'variance':>10s}"
-    lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["estimator"], r["K"], r["M"], r["staleness"])):
-        lines.append(f"{r['estimator']:30s} {r['K']:3d} {r['M']:3d} {r['staleness']:6.2f} {r['staleness_kl']:10.4f} "
-                     f"{r['bias']:10.3e} {r['bias_noise_floor']:10.3e} {r['relative_bias']:8.3f} "
-                     f"{r['variance']:10.3e}")
-    return "\n".join(lines)
+    return table(sorted(rows, key=lambda r: (r["estimator"], r["K"], r["M"], r["staleness"])), TABLE)
 
 
 def plot(rows: list[dict], path: Path) -> None:
