@@ -51,7 +51,8 @@ def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
     if k == 0:
         assert summary["staleness_histogram"] == {0: 32}
     events = scalars(tmp_path)
-    for tag in ("loss", "eval/accuracy", "throughput/samples_per_s", "weights/sync_s", "staleness/max",
+    for tag in ("loss", "kl", "eval/accuracy", "throughput/samples_per_s", "throughput/tokens_per_s",
+                "weights/sync_s", "staleness/max", "time/rollout_s", "time/teacher_s", "time/learner_s",
                 "teacher/bytes_per_token", "rollout/response_len"):
         assert tag in events, tag
     assert len(events["loss"]) == 4

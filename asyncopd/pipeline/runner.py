@@ -145,9 +145,12 @@ def run_training(cfg: Config) -> dict:
         eval_time = 0.0
         checkpoint = str(run_dir / "checkpoint")
 
-        def after_step(s: int) -> None:
+        def after_step(s: int, times: StageTimes) -> None:
             nonlocal eval_time
             step = s + 1
+            i = s - start
+            logger.scalars(s, {"time/rollout_s": times.rollout[i], "time/teacher_s": times.teacher[i],
+                               "time/learner_s": times.learner[i]})
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
                 t0 = time.perf_counter()
                 acc = evaluate_student(fleet, tokenizer, problems)

@@ -40,7 +40,7 @@ class StageTimes:
 
 
 def run_stages(stages: Stages, steps: int, max_staleness: int,
-               after_step: Callable[[int], None] | None = None, start: int = 0) -> StageTimes:
+               after_step: Callable[[int, StageTimes], None] | None = None, start: int = 0) -> StageTimes:
     """Run learner steps `start`..`steps - 1` (start > 0 resumes at that version); each batch starts only
     when admission allows it."""
     admission = Admission(max_staleness, version=start)
@@ -87,7 +87,7 @@ def run_stages(stages: Stages, steps: int, max_staleness: int,
             times.learner.append(time.perf_counter() - t0)
             admission.publish(s + 1)
             if after_step is not None:
-                after_step(s)
+                after_step(s, times)
     finally:
         admission.close()
         buffer.close()
