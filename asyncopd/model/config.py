@@ -15,17 +15,31 @@ class ModelSpec:
 
 @dataclass
 class PrepareConfig:
-    """Supervised warm-start recipe that `asyncopd prepare` uses to build teacher and student."""
+    """Supervised warm-start recipe that `asyncopd prepare` uses to build teacher and student.
 
-    teacher_steps: int = 700
+    Both models train on prompt + chain-of-thought response (loss on the response and eos) with AdamW,
+    linear warmup then cosine decay to zero over exactly the given number of steps; each batch is split
+    into <= length_buckets micro-batches of similar length so little compute goes to padding.
+    """
+
+    teacher_steps: int = 1100
     student_steps: int = 325
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 3e-3  # teacher peak learning rate
+    student_lr: float = 3e-3
     warmup_steps: int = 20
-    seed: int = 0
-    threads: int = 2
+    weight_decay: float = 0.0
+    length_buckets: int = 3
+    seed: int = 0  # teacher init seed; the student uses seed + 1
+    threads: int = 2  # torch threads while preparing
     min_teacher_accuracy: float = 0.90
+    # if the teacher misses min_teacher_accuracy after teacher_steps, train on at lr * extra_lr_frac, evaluating
+    # every extra_eval_every steps, for at most teacher_extra_steps more steps before failing
+    teacher_extra_steps: int = 300
+    extra_eval_every: int = 50
+    extra_lr_frac: float = 0.1
     student_accuracy_range: list[float] = field(default_factory=lambda: [0.20, 0.50])
+    eval_batch_size: int = 250
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""Synthetic multi-step arithmetic with a chain of thought, and its exact-match verifier.
+
+Prompt ``Q:38-22+64+9=``, response ``38-22=16;16+64=80;80+9=89;A:89`` (then the eos token). Operand counts
+and their probabilities come from TaskConfig; values lie in 0..max_value and every running value stays in
+that range. The test split is ``num_test`` unique prompts drawn from ``test_seed``; training prompts are
+streamed deterministically from ``train_seed``, skipping any prompt of the test split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from asyncopd.data.config import TaskConfig
+
+ANSWER_MARK = "A:"
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # "Q:38-22+64+9="
+    response: str  # "38-22=16;16+64=80;80+9=89;A:89" (the eos token follows it when tokenized)
+    answer: str  # "89"
+    operands: tuple[int, ...] = field(default=())
+    ops: tuple[str, ...] = field(default=())
+
+    def as_metadata(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer}
+
+
+def validate_task_config(cfg: TaskConfig) -> None:
+    if len(cfg.operand_counts) != len(cfg.operand_probs) or not cfg.operand_counts:
+        raise ValueError("task.operand_counts and task.operand_probs must be non-empty and of equal length")
+    if any(c < 2 for c in cfg.operand_counts):
+        raise ValueError(f"task.operand_counts must all be >= 2, got {cfg.operand_counts}")
+    if any(p < 0 for p in cfg.operand_probs) or sum(cfg.operand_probs) <= 0:
+        raise ValueError(f"task.operand_probs must be non-negative with a positive sum, got {cfg.operand_probs}")
+    if cfg.max_value < 1:
+        raise ValueError(f"task.max_value must be >= 1, got {cfg.max_value}")
+    if cfg.num_test < 0:
+        raise ValueError(f"task.num_test must be >= 0, got {cfg.num_test}")
+
+
+def max_response_tokens(cfg: TaskConfig) -> int:
+    """Upper bound on response length in characters (= tokens), counting the trailing eos token."""
+    d = len(str(cfg.max_value))
+    steps = max(cfg.operand_counts) - 1
+    return steps * (3 * d + 2) + steps + len(ANSWER_MARK) + d + 1  # "a+b=c" per step, ";" each, "A:x", eos
+
+
+def make_problem(operands: Sequence[int], ops: Sequence[str]) -> Problem:
+    """Build prompt, chain-of-thought response and answer from operands and operators (len(ops) = n - 1)."""
+    if len(ops) != len(operands) - 1:
+        raise ValueError("make_problem needs exactly one operator between consecutive operands")
+    prompt = "Q:" + str(operands[0]) + "".join(o + str(v) for o, v in zip(ops, operands[1:], strict=True)) + "="
+    steps = []
+    cur = operands[0]
+    for o, v in zip(ops, operands[1:], strict=True):
+        nxt = cur + v if o == "+" else cur - v
+        steps.append(f"{cur}{o}{v}={nxt}")
+        cur = nxt
+    response = ";".join(steps) + f";{ANSWER_MARK}{cur}"
+    return Problem(prompt=prompt, response=response, answer=str(cur), operands=tuple(operands), ops=tuple(ops))
+
+
+def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
+    n = rng.choices(cfg.operand_counts, weights=cfg.operand_probs)[0]
+    hi = cfg.max_value
+    cur = rng.randint(0, hi)
+    operands, ops = [cur], []
+    for _ in range(n - 1):
+        op = rng.choice("+-")
+        v = rng.randint(0, hi - cur) if op == "+" else rng.randint(0, cur)
+        cur = cur + v if op == "+" else cur - v
+        operands.append(v)
+        ops.append(op)
+    return make_problem(operands, ops)
+
+
+def test_problems(cfg: TaskConfig) -> list[Problem]:
+    """The fixed test split: ``num_test`` unique prompts drawn from ``test_seed`` (in draw order)."""
+    validate_task_config(cfg)
+    rng = random.Random(cfg.test_seed)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    attempts = 0
+    while len(out) < cfg.num_test:
+        attempts += 1
+        if attempts > 100 * cfg.num_test + 1000:
+            raise ValueError(f"task.num_test={cfg.num_test} unique prompts cannot be drawn with "
+                             f"max_value={cfg.max_value}; lower num_test")
+        p = sample_problem(rng, cfg)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    return out
+
+
+test_problems.__test__ = False  # not a pytest test despite its name
+
+
+class TrainStream:
+    """Deterministic infinite stream of training problems from ``train_seed``, skipping test prompts.
+
+    ``take(n)`` returns the next n problems; ``position`` counts problems handed out so far, and
+    ``TrainStream(cfg, start=k)`` resumes exactly after the first k.
+    """
+
+    def __init__(self, cfg: TaskConfig, start: int = 0, exclude: Sequence[Problem] | None = None):
+        validate_task_config(cfg)
+        self.cfg = cfg
+        self._rng = random.Random(cfg.train_seed)
+        tests = test_problems(cfg) if exclude is None else exclude
+        self._exclude = frozenset(p.prompt for p in tests)
+        self.position = 0
+        for _ in range(start):
+            self._next()
+
+    def _next(self) -> Problem:
+        for _ in range(100_000):
+            p = sample_problem(self._rng, self.cfg)
+            if p.prompt not in self._exclude:
+                self.position += 1
+                return p
+        raise ValueError("the test split covers (almost) every prompt this task can produce: lower "
+                         "task.num_test or raise task.max_value")
+
+    def take(self, n: int) -> list[Problem]:
+        return [self._next() for _ in range(n)]
+
+    def __iter__(self) -> Iterator[Problem]:
+        while True:
+            yield self._next()
+
+
+def extract_answer(text: str) -> str | None:
+    """The text after the last ``A:`` (stripped), or None if there is no ``A:``."""
+    i = text.rfind(ANSWER_MARK)
+    if i < 0:
+        return None
+    return text[i + len(ANSWER_MARK):].strip()
+
+
+def verify(problem: Problem, response_text: str) -> bool:
+    """Exact match of the text after the last ``A:`` against the answer."""
+    return extract_answer(response_text) == problem.answer

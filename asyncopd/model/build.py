@@ -1,0 +1,77 @@
+"""Build, save and load the embedded tier's tiny Qwen2 models as Hugging Face checkpoints.
+
+A checkpoint directory holds config.json + model.safetensors + the tokenizer files, so the same directory
+loads with ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and could be served by SGLang.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.model.config import ModelSpec
+
+
+def qwen2_config(spec: ModelSpec, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen2Config:
+    if spec.hidden_size % spec.num_heads:
+        raise ValueError(f"ModelSpec.hidden_size={spec.hidden_size} must be divisible by num_heads={spec.num_heads}")
+    if spec.num_heads % spec.num_kv_heads:
+        raise ValueError(f"ModelSpec.num_heads={spec.num_heads} must be divisible by "
+                         f"num_kv_heads={spec.num_kv_heads}")
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        use_cache=True,
+        dtype="float32",
+    )
+
+
+def build_model(spec: ModelSpec, vocab_size: int, seed: int, pad_token_id: int = 0,
+                eos_token_id: int = 1) -> Qwen2ForCausalLM:
+    """A randomly initialised fp32 Qwen2ForCausalLM with tied embeddings; the init depends only on ``seed``."""
+    cfg = qwen2_config(spec, vocab_size, pad_token_id, eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    return model.float()
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once by parameters()
+
+
+def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: CharTokenizer, directory: str | Path) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(d), safe_serialization=True)
+    tokenizer.save(d)
+    return d
+
+
+def load_model(path: str | Path, field: str = "model path", device: str | torch.device = "cpu"
+               ) -> Qwen2ForCausalLM:
+    """Load an fp32 checkpoint in eval mode; ``field`` names the config field in the error message."""
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").exists():
+        why = "directory does not exist" if not p.is_dir() else "no config.json"
+        raise FileNotFoundError(f"{field}={str(path)!r}: {why}; run `asyncopd prepare` first "
+                                "(or point it at a Hugging Face checkpoint directory)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise FileNotFoundError(f"{field}={str(path)!r}: config.json but no weights (*.safetensors); "
+                                "the checkpoint is incomplete; rerun `asyncopd prepare`")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    return model.to(device).eval()

@@ -1,0 +1,255 @@
+"""Batched KV-cache sampler for Hugging Face causal LMs (the embedded rollout engine's decode loop).
+
+One prefill over the left-padded batch, then one forward per decode step for the whole batch, reusing a
+``transformers.DynamicCache``. Finished rows keep riding along (feeding the pad id) until every row is done
+or ``max_new_tokens`` is reached, but they contribute no more output. At this model size Python and
+framework overhead per call dominates, so the loop does as little per step as possible: every per-token
+record stays a tensor until the end and is converted to numpy once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    import transformers
+
+
+@dataclass
+class GenerationOutput:
+    output_ids: list[int]
+    logprobs: np.ndarray  # float32 [T]: log prob of each output token under the sampling distribution
+    finish_reason: str  # "stop" (hit a stop/eos id, which IS included in output_ids) | "length"
+    version_start: int  # value yielded by step_guard at the first step (0 if no guard)
+    version_end: int  # value yielded by step_guard at the step that produced the last token
+    top_ids: np.ndarray | None = None  # int32 [T, K] top-k ids of the sampling distribution, descending
+    top_logprobs: np.ndarray | None = None  # float32 [T, K]
+    mc_ids: np.ndarray | None = None  # int32 [T, M]: M i.i.d. draws per position; column 0 == output token
+    mc_logprobs: np.ndarray | None = None  # float32 [T, M]
+
+
+@contextlib.contextmanager
+def _no_guard():
+    yield 0
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                      top_k: int = -1) -> torch.Tensor:
+    """Log-probabilities of the sampling distribution for ``logits`` [..., V] (float32 out).
+
+    temperature == 0 means greedy: the returned distribution is softmax(logits) (unfiltered), whose argmax
+    is the greedy token. Otherwise softmax(logits / temperature) restricted to the top_k largest (top_k <= 0:
+    all) and then to the smallest prefix whose probability reaches top_p (always at least one token),
+    renormalised. Filtered-out tokens get -inf.
+    """
+    z = logits.float()
+    if temperature <= 0:
+        return torch.log_softmax(z, dim=-1)
+    if temperature != 1.0:
+        z = z / temperature
+    vocab = z.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        sorted_p = torch.softmax(sorted_z, dim=-1)
+        # mass strictly before each token; drop a token once the mass before it already reaches top_p
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(z, dim=-1)
+
+
+class KVCacheSampler:
+    """Batched sampling with a KV cache; see the module docstring and ``generate``."""
+
+    def __init__(self, model: transformers.PreTrainedModel, eos_token_id: int, pad_token_id: int):
+        self.model = model
+        self.eos_token_id = int(eos_token_id)
+        self.pad_token_id = int(pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
+        stop_token_ids: Sequence[int] = (),
+        top_logprobs_num: int = 0,
+        mc_samples: int = 0,
+        seed: int | None = None,
+        step_guard: Callable[[], ContextManager[int]] | None = None,
+    ) -> list[GenerationOutput]:
+        """Continue every prompt; returns one GenerationOutput per prompt, in order.
+
+        Stops a row at the first token in ``{eos_token_id} | stop_token_ids`` (included in the output, with
+        finish_reason "stop") or after ``max_new_tokens`` tokens ("length"). ``mc_samples`` = M > 0 draws M
+        i.i.d. tokens per position from the sampling distribution; column 0 is the continued token.
+        ``top_logprobs_num`` = K > 0 returns the K most likely tokens of the sampling distribution.
+        Every forward runs inside ``with step_guard() as version`` when a guard is given.
+        """
+        self._validate(prompts, max_new_tokens, temperature, top_p, top_logprobs_num, mc_samples)
+        n = len(prompts)
+        if n == 0:
+            return []
+        if max_new_tokens == 0:
+            return [self._empty(top_logprobs_num, mc_samples) for _ in range(n)]
+
+        device = self.device
+        guard = step_guard or _no_guard
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(seed))
+        greedy = temperature <= 0
+        draws = max(1, mc_samples)
+        vocab = int(self.model.config.vocab_size)
+        k_top = min(int(top_logprobs_num), vocab)
+
+        # ---- left-padded prompt batch; attention mask for prompt + all new tokens, built once ----
+        lens = [len(p) for p in prompts]
+        plen = max(lens)
+        total = plen + max_new_tokens
+        ids = torch.full((n, plen), self.pad_token_id, dtype=torch.long)
+        mask = torch.ones((n, total), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, plen - lens[i]:] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, : plen - lens[i]] = 0
+        ids = ids.to(device)
+        mask = mask.to(device)
+        prompt_pos = (mask[:, :plen].cumsum(-1) - 1).clamp_(min=0)
+        next_pos = torch.as_tensor(lens, dtype=torch.long, device=device).unsqueeze(1)  # position of token 0
+
+        stop_ids = torch.as_tensor(sorted({self.eos_token_id, *map(int, stop_token_ids)}), device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        out_len = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
+
+        tok_hist: list[torch.Tensor] = []
+        lp_hist: list[torch.Tensor] = []
+        top_id_hist: list[torch.Tensor] = []
+        top_lp_hist: list[torch.Tensor] = []
+        mc_id_hist: list[torch.Tensor] = []
+        mc_lp_hist: list[torch.Tensor] = []
+        versions: list[int] = []
+
+        cache = DynamicCache(config=self.model.config)
+        model = self.model
+        with guard() as version:
+            logits = model(input_ids=ids, attention_mask=mask[:, :plen], position_ids=prompt_pos, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        versions.append(int(version))
+
+        steps = 0
+        for t in range(max_new_tokens):
+            logp = sampling_logprobs(logits, temperature, top_p, top_k)
+            if greedy:
+                tok = logp.argmax(dim=-1, keepdim=True)
+            else:
+                tok = torch.multinomial(logp.exp(), draws, replacement=True, generator=gen)
+            tok_lp = logp.gather(-1, tok)
+            nxt = tok[:, 0]
+            nxt = nxt.masked_fill(done, self.pad_token_id)
+            tok_hist.append(nxt)
+            lp_hist.append(tok_lp[:, 0])
+            if mc_samples:
+                mc_id_hist.append(tok)
+                mc_lp_hist.append(tok_lp)
+            if k_top:
+                tv, ti = torch.topk(logp, k_top, dim=-1)
+                top_id_hist.append(ti)
+                top_lp_hist.append(tv)
+            steps = t + 1
+            hit = torch.isin(nxt, stop_ids) & ~done
+            if bool(hit.any()):
+                out_len.masked_fill_(hit, t + 1)
+                done |= hit
+                if bool(done.all()):
+                    break
+            if t + 1 == max_new_tokens:
+                break
+            with guard() as version:
+                logits = model(input_ids=nxt.unsqueeze(1), attention_mask=mask[:, : plen + t + 1],
+                               position_ids=next_pos + t, cache=cache, use_cache=True).logits[:, -1, :]
+            versions.append(int(version))
+
+        # ---- one conversion to numpy, then per-row slicing ----
+        toks = torch.stack(tok_hist, 1).cpu().numpy().astype(np.int32)
+        lps = torch.stack(lp_hist, 1).cpu().numpy().astype(np.float32)
+        lengths = out_len.clamp(max=steps).cpu().tolist()
+        stopped = done.cpu().tolist()
+        top_ids = top_lps = mc_ids = mc_lps = None
+        if k_top:
+            top_ids = torch.stack(top_id_hist, 1).cpu().numpy().astype(np.int32)
+            top_lps = torch.stack(top_lp_hist, 1).cpu().numpy().astype(np.float32)
+        if mc_samples:
+            mc_ids = torch.stack(mc_id_hist, 1).cpu().numpy().astype(np.int32)
+            mc_lps = torch.stack(mc_lp_hist, 1).cpu().numpy().astype(np.float32)
+
+        outs = []
+        for i in range(n):
+            m = lengths[i]
+            outs.append(GenerationOutput(
+                output_ids=toks[i, :m].tolist(),
+                logprobs=lps[i, :m].copy(),
+                finish_reason="stop" if stopped[i] else "length",
+                version_start=versions[0],
+                version_end=versions[m - 1],
+                top_ids=None if top_ids is None else top_ids[i, :m].copy(),
+                top_logprobs=None if top_lps is None else top_lps[i, :m].copy(),
+                mc_ids=None if mc_ids is None else mc_ids[i, :m].copy(),
+                mc_logprobs=None if mc_lps is None else mc_lps[i, :m].copy(),
+            ))
+        return outs
+
+    def _validate(self, prompts, max_new_tokens, temperature, top_p, top_logprobs_num, mc_samples) -> None:
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts must be a list of token-id lists")
+        vocab = int(self.model.config.vocab_size)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token id")
+            lo, hi = min(p), max(p)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"prompts[{i}] has token id {lo if lo < 0 else hi} outside the vocabulary "
+                                 f"[0, {vocab})")
+        if int(max_new_tokens) < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+        if mc_samples < 0:
+            raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
+        if mc_samples > 0 and temperature <= 0:
+            raise ValueError("mc_samples > 0 needs temperature > 0 (greedy decoding has nothing to sample)")
+
+    @staticmethod
+    def _empty(k: int, m: int) -> GenerationOutput:
+        return GenerationOutput(
+            output_ids=[], logprobs=np.zeros(0, np.float32), finish_reason="length", version_start=0,
+            version_end=0,
+            top_ids=np.zeros((0, k), np.int32) if k else None,
+            top_logprobs=np.zeros((0, k), np.float32) if k else None,
+            mc_ids=np.zeros((0, m), np.int32) if m else None,
+            mc_logprobs=np.zeros((0, m), np.float32) if m else None,
+        )
