@@ -48,7 +48,7 @@ class Fleet:
         prepared = Path(cfg.model.artifacts_dir) / "prepare.json"
         accuracy = None
         if not cfg.model.teacher_path and prepared.exists():
-            accuracy = json.loads(prepared.read_text()).get("teacher_accuracy")
+            accuracy = json.loads(prepared.read_text())["teacher"]["accuracy"]
         return cls(cfg, engine_actors + teacher_actors, engines, teacher, accuracy)
 
     def check_vocabularies(self) -> None:
