@@ -20,11 +20,6 @@ class Admission:
         self._closed = False
         self._cond = threading.Condition()
 
-    @property
-    def published_version(self) -> int:
-        with self._cond:
-            return self._published
-
     def wait_admit(self, batch_index: int) -> int:
         """Block until batch `batch_index` may start; return the version it starts under."""
         with self._cond:

@@ -39,7 +39,3 @@ class BatchBuffer(Generic[T]):
             if self._error is not None:
                 raise RuntimeError(f"a pipeline stage failed before batch {batch_index}") from self._error
             raise PipelineClosed("pipeline closed")
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)

@@ -130,7 +130,7 @@ def run_training(cfg: Config) -> dict:
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
     fleet = Fleet.launch(cfg, paths)
-    learner = None
+    learner = sync = None
     try:
         fleet.check_vocabularies()
         learner = LearnerGroup.launch(cfg, paths.student)
@@ -170,6 +170,8 @@ def run_training(cfg: Config) -> dict:
         return summary
     finally:
         logger.close()
+        if sync is not None:
+            sync.close()
         fleet.shutdown()
         if learner is not None:
             learner.shutdown()
