@@ -23,7 +23,8 @@ def tiny_cfg(tmp_path) -> Config:
     cfg.model.teacher = ModelSpec(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
     cfg.model.student = ModelSpec(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=2, intermediate_size=32)
     p = cfg.model.prepare
-    p.teacher_steps, p.student_steps, p.batch_size, p.warmup_steps = 3, 2, 8, 1
+    p.teacher_steps, p.student_steps, p.warmup_steps = 3, 2, 1
+    p.teacher_batch_size, p.student_batch_size = 8, 6
     p.min_teacher_accuracy, p.student_accuracy_range, p.teacher_extra_steps = 0.0, [0.0, 1.0], 0
     p.threads = 1
     return cfg

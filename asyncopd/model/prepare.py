@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the training code changes what a given config produces
+RECIPE_VERSION = 2  # bump when the training code changes what a given config produces
 PREPARE_FILE = "prepare.json"
 
 
@@ -83,8 +83,9 @@ def _validate(cfg: Config) -> None:
     checks = [
         (p.teacher_steps >= 1, f"model.prepare.teacher_steps must be >= 1 (got {p.teacher_steps})"),
         (p.student_steps >= 1, f"model.prepare.student_steps must be >= 1 (got {p.student_steps})"),
-        (p.batch_size >= 1, f"model.prepare.batch_size must be >= 1 (got {p.batch_size})"),
-        (p.lr > 0 and p.student_lr > 0, "model.prepare.lr and model.prepare.student_lr must be > 0"),
+        (p.teacher_batch_size >= 1 and p.student_batch_size >= 1,
+         "model.prepare.teacher_batch_size and model.prepare.student_batch_size must be >= 1"),
+        (p.teacher_lr > 0 and p.student_lr > 0, "model.prepare.teacher_lr and model.prepare.student_lr must be > 0"),
         (p.threads >= 1, f"model.prepare.threads must be >= 1 (got {p.threads})"),
         (0 <= p.min_teacher_accuracy <= 1, "model.prepare.min_teacher_accuracy must be in [0, 1]"),
         (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] <= 1,
@@ -152,7 +153,7 @@ def _build(cfg: Config, progress: bool) -> dict:
     # ---- teacher ----
     teacher = build_model(cfg.model.teacher, tok.vocab_size, p.seed, tok.pad_token_id, tok.eos_token_id)
     stream = TrainStream(cfg.task, exclude=tests)
-    res = train_sft(teacher, stream, tok, steps=p.teacher_steps, batch_size=p.batch_size, lr=p.lr,
+    res = train_sft(teacher, stream, tok, steps=p.teacher_steps, batch_size=p.teacher_batch_size, lr=p.teacher_lr,
                     warmup_steps=p.warmup_steps, weight_decay=p.weight_decay, desc="prepare teacher",
                     progress=progress, max_buckets=p.length_buckets)
     t_train, steps = res.wall_s, p.teacher_steps
@@ -162,7 +163,7 @@ def _build(cfg: Config, progress: bool) -> dict:
     extra = 0
     while t_acc < p.min_teacher_accuracy and extra < p.teacher_extra_steps:
         n = min(p.extra_eval_every, p.teacher_extra_steps - extra)
-        r = train_sft(teacher, stream, tok, steps=n, batch_size=p.batch_size, lr=p.lr * p.extra_lr_frac,
+        r = train_sft(teacher, stream, tok, steps=n, batch_size=p.teacher_batch_size, lr=p.teacher_lr * p.extra_lr_frac,
                       warmup_steps=0, weight_decay=p.weight_decay, final_lr_frac=1.0, desc="teacher extra",
                       progress=progress, max_buckets=p.length_buckets)
         extra += n
@@ -179,7 +180,7 @@ def _build(cfg: Config, progress: bool) -> dict:
     # ---- student: same data stream from its start, fixed step count ----
     student = build_model(cfg.model.student, tok.vocab_size, p.seed + 1, tok.pad_token_id, tok.eos_token_id)
     s_res = train_sft(student, TrainStream(cfg.task, exclude=tests), tok, steps=p.student_steps,
-                      batch_size=p.batch_size, lr=p.student_lr, warmup_steps=p.warmup_steps,
+                      batch_size=p.student_batch_size, lr=p.student_lr, warmup_steps=p.warmup_steps,
                       weight_decay=p.weight_decay, desc="prepare student", progress=progress,
                       max_buckets=p.length_buckets)
     s_acc, s_eval = accuracy(student)
