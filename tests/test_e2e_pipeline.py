@@ -47,6 +47,8 @@ def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
     summary = run_training(small_run(tiny_artifacts, tmp_path, f"pipeline.max_staleness={k}"))
     assert summary["steps"] == 4
     assert summary["max_observed_staleness"] <= k
+    t, a0, a1 = summary["teacher_accuracy"], summary["initial_accuracy"], summary["final_accuracy"]
+    assert summary["gap_closed"] == (None if t is None or t <= a0 else pytest.approx((a1 - a0) / (t - a0)))
     assert sum(summary["staleness_histogram"].values()) == 4 * 8
     if k == 0:
         assert summary["staleness_histogram"] == {0: 32}

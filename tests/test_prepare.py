@@ -23,7 +23,8 @@ def tiny_cfg(tmp_path) -> Config:
     cfg.model.teacher = ModelSpec(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
     cfg.model.student = ModelSpec(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=2, intermediate_size=32)
     p = cfg.model.prepare
-    p.teacher_steps, p.student_steps, p.warmup_steps = 3, 2, 1
+    p.teacher_steps, p.warmup_steps = 3, 1
+    p.student_max_steps, p.student_min_steps, p.student_eval_every = 2, 1, 1
     p.teacher_batch_size, p.student_batch_size = 8, 6
     p.min_teacher_accuracy, p.student_accuracy_range, p.teacher_extra_steps = 0.0, [0.0, 1.0], 0
     p.threads = 1
@@ -62,9 +63,24 @@ def test_tiny_prepare_writes_loadable_checkpoints_and_caches(tmp_path, monkeypat
     # a changed recipe is not a cache hit (threads is speed only, so it still is)
     cfg.model.prepare.threads = 2
     assert run_prepare(cfg, progress=False)["cached"] is True
-    cfg.model.prepare.student_steps = 3
+    cfg.model.prepare.student_max_steps = 3
     with pytest.raises(AssertionError, match="cache hit must not train"):
         run_prepare(cfg, progress=False)
+
+
+def test_student_stops_at_first_evaluation_reaching_the_target(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    p = cfg.model.prepare
+    p.student_max_steps, p.student_min_steps, p.student_eval_every = 9, 4, 2
+    p.student_stop_accuracy = 0.0  # any evaluation reaches it: stop at the first, student_min_steps
+    info = run_prepare(cfg, progress=False)
+    assert info["student"]["steps"] == 4
+    p.student_stop_accuracy = 1.0  # never reached: train to student_max_steps (evaluated there)
+    info = run_prepare(cfg, progress=False, force=True)
+    assert info["student"]["steps"] == 9 and info["student"]["accuracy"] < 1.0
+    p.student_min_steps = 10
+    with pytest.raises(ValueError, match="student_min_steps must be in"):
+        run_prepare(cfg, progress=False, force=True)
 
 
 def test_prepare_is_deterministic(tmp_path):

@@ -67,3 +67,20 @@ def test_save_load_resumes_weights_optimizer_and_version(ckpt, tmp_path):
 def test_unknown_estimator_is_a_clear_error(ckpt):
     with pytest.raises(ValueError, match="estimator.name='nope'"):
         TorchLearner(LearnerConfig(), dataclasses.replace(ESTIMATOR, name="nope"), ckpt, 0)
+
+
+def test_lr_warmup_is_applied_and_resumes_with_the_version(ckpt, tmp_path):
+    cfg = LearnerConfig(lr=1e-2, warmup_steps=4)
+    a = TorchLearner(cfg, ESTIMATOR, ckpt, max_staleness=8)
+    before = [p.detach().clone() for p in a.model.parameters()]
+    lrs = [a.train_step(make_batch(v))["lr"] for v in range(2)]
+    assert lrs == pytest.approx([0.0025, 0.005])
+    # Adam's first update moves each parameter by lr * g / |g|: the warmed-up rate, not the peak one
+    a2 = TorchLearner(cfg, ESTIMATOR, ckpt, max_staleness=8)
+    a2.train_step(make_batch(0))
+    step = max(float((p.detach() - b).abs().max()) for p, b in zip(a2.model.parameters(), before, strict=True))
+    assert step == pytest.approx(0.0025, rel=1e-3)
+    a.save(str(tmp_path / "ck"))
+    b = TorchLearner(cfg, ESTIMATOR, ckpt, max_staleness=8)
+    b.load(str(tmp_path / "ck"))
+    assert [b.train_step(make_batch(v))["lr"] for v in range(2, 5)] == pytest.approx([0.0075, 0.01, 0.01])

@@ -29,6 +29,7 @@ def validate(cfg: Config) -> None:
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {r.top_p})")
     _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1 (got {r.max_new_tokens})")
     _require(lr.lr > 0, f"learner.lr must be > 0 (got {lr.lr})")
+    _require(lr.warmup_steps >= 0, f"learner.warmup_steps must be >= 0 (got {lr.warmup_steps})")
     _require(lr.backend in ("torch", "megatron"),
              f"learner.backend={lr.backend!r} is unknown: use 'torch' or 'megatron'")
     _require(w.backend in ("gloo", "nccl"), f"weights.backend={w.backend!r} is unknown: use 'gloo' or 'nccl'")

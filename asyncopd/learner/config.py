@@ -7,6 +7,7 @@ class LearnerConfig:
 
     backend: str = "torch"  # torch | megatron
     lr: float = 1e-3
+    warmup_steps: int = 0  # linear lr warmup over the first optimizer steps (counted by the weight version)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

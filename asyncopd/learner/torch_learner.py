@@ -77,13 +77,23 @@ class TorchLearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = self._clip_grad_norm()
+        lr = self._lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.version += 1
-        metrics = {**metrics, "grad_norm": grad_norm, "tokens": float(batch.est.mask.sum()),
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": lr, "tokens": float(batch.est.mask.sum()),
                    "learner_time_s": time.perf_counter() - t0}
         for lag, count in lags.items():
             metrics[f"staleness/{lag}"] = float(count)
         return metrics
+
+    def _lr(self) -> float:
+        """Learning rate of the step that makes version + 1: linear warmup, then constant.
+
+        Keyed on the version so a resumed run continues the schedule where it stopped."""
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (self.version + 1) / w) if w > 0 else self.cfg.lr
 
     def named_weights_for_rollout(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         params = {name: p.detach() for name, p in self.model.named_parameters()}

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # bump when the training code changes what a given config produces
+RECIPE_VERSION = 3  # bump when the training code changes what a given config produces
 PREPARE_FILE = "prepare.json"
 
 
@@ -82,7 +82,11 @@ def _validate(cfg: Config) -> None:
     lo_hi = list(p.student_accuracy_range)
     checks = [
         (p.teacher_steps >= 1, f"model.prepare.teacher_steps must be >= 1 (got {p.teacher_steps})"),
-        (p.student_steps >= 1, f"model.prepare.student_steps must be >= 1 (got {p.student_steps})"),
+        (1 <= p.student_min_steps <= p.student_max_steps,
+         f"model.prepare.student_min_steps must be in [1, student_max_steps] (got {p.student_min_steps}, "
+         f"student_max_steps={p.student_max_steps})"),
+        (p.student_eval_every >= 1, "model.prepare.student_eval_every must be >= 1"),
+        (0 <= p.student_stop_accuracy <= 1, "model.prepare.student_stop_accuracy must be in [0, 1]"),
         (p.teacher_batch_size >= 1 and p.student_batch_size >= 1,
          "model.prepare.teacher_batch_size and model.prepare.student_batch_size must be >= 1"),
         (p.teacher_lr > 0 and p.student_lr > 0, "model.prepare.teacher_lr and model.prepare.student_lr must be > 0"),
@@ -177,23 +181,35 @@ def _build(cfg: Config, progress: bool) -> dict:
             f"model.prepare.min_teacher_accuracy={p.min_teacher_accuracy}; raise model.prepare.teacher_steps "
             f"(now {p.teacher_steps}) or model.prepare.teacher_extra_steps, or use a larger model.teacher")
 
-    # ---- student: same data stream from its start, fixed step count ----
+    # ---- student: same data stream from its start, constant rate, stopped once it reaches the target ----
     student = build_model(cfg.model.student, tok.vocab_size, p.seed + 1, tok.pad_token_id, tok.eos_token_id)
-    s_res = train_sft(student, TrainStream(cfg.task, exclude=tests), tok, steps=p.student_steps,
+    s_acc, s_eval = 0.0, 0.0
+
+    def reached_target(step: int, _loss: float) -> bool:
+        nonlocal s_acc, s_eval
+        if step < p.student_min_steps or (step % p.student_eval_every and step < p.student_max_steps):
+            return False
+        s_acc, dt = accuracy(student)
+        student.train()
+        s_eval += dt
+        return s_acc >= p.student_stop_accuracy
+
+    s_res = train_sft(student, TrainStream(cfg.task, exclude=tests), tok, steps=p.student_max_steps,
                       batch_size=p.student_batch_size, lr=p.student_lr, warmup_steps=p.warmup_steps,
-                      weight_decay=p.weight_decay, desc="prepare student", progress=progress,
-                      max_buckets=p.length_buckets)
-    s_acc, s_eval = accuracy(student)
+                      weight_decay=p.weight_decay, final_lr_frac=1.0, desc="prepare student", progress=progress,
+                      max_buckets=p.length_buckets, callback=reached_target)
+    s_train = s_res.wall_s - s_eval
     lo, hi = p.student_accuracy_range
     in_range = lo <= s_acc <= hi
-    say(f"prepare: student {num_parameters(student) / 1e6:.2f} M params, {p.student_steps} steps in "
-        f"{s_res.wall_s:.0f} s: greedy test accuracy {s_acc:.1%}")
+    say(f"prepare: student {num_parameters(student) / 1e6:.2f} M params, {s_res.steps} steps in "
+        f"{s_train:.0f} s: greedy test accuracy {s_acc:.1%}")
     if not in_range:
-        log.warning("prepare: student accuracy %.3f is outside model.prepare.student_accuracy_range %s; "
-                    "adjust model.prepare.student_steps (now %d) to move it", s_acc, [lo, hi], p.student_steps)
+        log.warning("prepare: student accuracy %.3f is outside model.prepare.student_accuracy_range %s after %d "
+                    "steps; adjust model.prepare.student_stop_accuracy (now %s) or student_eval_every (now %d)",
+                    s_acc, [lo, hi], s_res.steps, p.student_stop_accuracy, p.student_eval_every)
         if progress:
             print(f"prepare: WARNING student accuracy {s_acc:.1%} is outside [{lo:.0%}, {hi:.0%}]; adjust "
-                  f"model.prepare.student_steps (now {p.student_steps})", flush=True)
+                  f"model.prepare.student_stop_accuracy or model.prepare.student_eval_every", flush=True)
 
     # ---- write: checkpoints into temp dirs, swapped in, prepare.json last ----
     for name, model in (("teacher", teacher), ("student", student)):
@@ -217,8 +233,8 @@ def _build(cfg: Config, progress: bool) -> dict:
             "spec": dataclasses.asdict(cfg.model.teacher),
         },
         "student": {
-            "path": str(root / "student"), "accuracy": s_acc, "steps": p.student_steps, "in_range": in_range,
-            "params": num_parameters(student), "train_wall_s": round(s_res.wall_s, 2),
+            "path": str(root / "student"), "accuracy": s_acc, "steps": s_res.steps, "in_range": in_range,
+            "params": num_parameters(student), "train_wall_s": round(s_train, 2),
             "eval_wall_s": round(s_eval, 2), "spec": dataclasses.asdict(cfg.model.student),
         },
         "total_wall_s": round(time.perf_counter() - t_start, 2),

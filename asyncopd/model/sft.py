@@ -111,8 +111,11 @@ def train_sft(model: torch.nn.Module, stream: TrainStream, tokenizer: CharTokeni
               batch_size: int, lr: float, warmup_steps: int, weight_decay: float = 0.0,
               final_lr_frac: float = 0.0, grad_clip: float = 1.0, desc: str = "sft",
               progress: bool = True, max_buckets: int = 3,
-              callback: Callable[[int, float], None] | None = None) -> SFTResult:
-    """AdamW + warmup/cosine for exactly ``steps`` steps on fresh problems from ``stream``."""
+              callback: Callable[[int, float], bool | None] | None = None) -> SFTResult:
+    """AdamW + warmup/cosine for ``steps`` steps on fresh problems from ``stream``.
+
+    ``callback(step, loss)`` runs after every step; returning True stops training there (early stopping).
+    """
     from tqdm.auto import tqdm
 
     model.train()
@@ -123,6 +126,7 @@ def train_sft(model: torch.nn.Module, stream: TrainStream, tokenizer: CharTokeni
     t0 = time.perf_counter()
     ema = float("nan")
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    done = 0
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, warmup_steps, lr, final_lr_frac)
@@ -137,12 +141,13 @@ def train_sft(model: torch.nn.Module, stream: TrainStream, tokenizer: CharTokeni
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        done = step + 1
         ema = val if math.isnan(ema) else 0.95 * ema + 0.05 * val
         if step % 10 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
-        if callback is not None:
-            callback(step + 1, val)
+        if callback is not None and callback(done, val):
+            break
     bar.close()
     model.eval()
-    return SFTResult(steps=steps, wall_s=time.perf_counter() - t0, final_loss=ema,
+    return SFTResult(steps=done, wall_s=time.perf_counter() - t0, final_loss=ema,
                      stream_position=stream.position)

@@ -7,7 +7,7 @@ class PipelineConfig:
 
     max_staleness: int = 2
     batch_size: int = 64
-    steps: int = 300
+    steps: int = 200
     eval_every: int = 50
     eval_prompts: int = 500
     seed: int = 0

@@ -2,6 +2,7 @@
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -129,11 +130,15 @@ def run_training(cfg: Config) -> dict:
     tokenizer = CharTokenizer.load(paths.tokenizer)
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
-    fleet = Fleet.launch(cfg, paths)
-    learner = sync = None
+    # the learner's processes start (imports, model load) while the fleet loads, not after it
+    launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-launch")
+    learner_launch = launcher.submit(LearnerGroup.launch, cfg, paths.student)
+    launcher.shutdown(wait=False)
+    fleet = learner = sync = None
     try:
+        fleet = Fleet.launch(cfg, paths)
         fleet.check_vocabularies()
-        learner = LearnerGroup.launch(cfg, paths.student)
+        learner = learner_launch.result()
         sync = WeightSync(cfg.weights, learner, fleet.engines, pause_engines=cfg.rollout.backend == "sglang")
         sync.init_group()
         start = resume(cfg, learner, sync)
@@ -172,7 +177,10 @@ def run_training(cfg: Config) -> dict:
         logger.close()
         if sync is not None:
             sync.close()
-        fleet.shutdown()
+        if fleet is not None:
+            fleet.shutdown()
+        if learner is None and learner_launch.exception() is None:
+            learner = learner_launch.result()  # the fleet failed first: this learner must not outlive the run
         if learner is not None:
             learner.shutdown()
         if owns_ray:
@@ -202,7 +210,15 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, st
         "initial_accuracy": evals[0][1],
         "final_accuracy": evals[-1][1],
         "teacher_accuracy": teacher_accuracy,
+        "gap_closed": _gap_closed(evals[0][1], evals[-1][1], teacher_accuracy),
         "accuracy_curve": evals,
         "final_loss": last.get("loss"),
     }
 
+
+
+def _gap_closed(initial: float, final: float, teacher: float | None) -> float | None:
+    """Share of the teacher-student accuracy gap the run closed (the demo's bar is 0.5)."""
+    if teacher is None or teacher <= initial:
+        return None
+    return (final - initial) / (teacher - initial)
