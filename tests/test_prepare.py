@@ -96,8 +96,8 @@ def test_teacher_below_threshold_fails_clearly(tmp_path):
     cfg.model.prepare.min_teacher_accuracy = 1.0
     cfg.model.prepare.teacher_extra_steps = 2
     cfg.model.prepare.extra_eval_every = 1
-    with pytest.raises(PrepareError, match="min_teacher_accuracy"):
-        run_prepare(cfg, progress=False)
+    with pytest.raises(PrepareError, match="after 5 steps, below model.prepare.min_teacher_accuracy"):
+        run_prepare(cfg, progress=False)  # 3 scheduled steps, then both extra steps, evaluated after each
     assert not (tmp_path / "artifacts" / "prepare.json").exists()
 
 

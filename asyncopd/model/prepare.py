@@ -154,7 +154,28 @@ def _build(cfg: Config, progress: bool) -> dict:
         if progress:
             print(msg, flush=True)
 
-    # ---- teacher ----
+    def train_until(model, stream: TrainStream, *, max_steps: int, first_eval: int, every: int, target: float,
+                    batch_size: int, lr: float, warmup_steps: int, desc: str) -> tuple[int, float, float, float]:
+        """Constant-rate SFT (after warmup), evaluated every `every` steps from `first_eval` and at the last
+        step; stops at the first evaluation reaching `target`. -> (steps, accuracy, train s, eval s)."""
+        acc, eval_s = 0.0, 0.0
+
+        def reached(step: int, _loss: float) -> bool:
+            nonlocal acc, eval_s
+            if step < max_steps and (step < first_eval or step % every):
+                return False
+            acc, dt = accuracy(model)
+            model.train()
+            eval_s += dt
+            log.info("prepare: %s after %d steps: %.3f", desc, step, acc)
+            return acc >= target
+
+        res = train_sft(model, stream, tok, steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                        weight_decay=p.weight_decay, final_lr_frac=1.0, desc=desc, progress=progress,
+                        max_buckets=p.length_buckets, callback=reached)
+        return res.steps, acc, res.wall_s - eval_s, eval_s
+
+    # ---- teacher: cosine schedule over teacher_steps; if short of the bar, a low constant rate until it is ----
     teacher = build_model(cfg.model.teacher, tok.vocab_size, p.seed, tok.pad_token_id, tok.eos_token_id)
     stream = TrainStream(cfg.task, exclude=tests)
     res = train_sft(teacher, stream, tok, steps=p.teacher_steps, batch_size=p.teacher_batch_size, lr=p.teacher_lr,
@@ -165,15 +186,12 @@ def _build(cfg: Config, progress: bool) -> dict:
     say(f"prepare: teacher {num_parameters(teacher) / 1e6:.2f} M params, {steps} steps in {t_train:.0f} s: "
         f"greedy test accuracy {t_acc:.1%}")
     extra = 0
-    while t_acc < p.min_teacher_accuracy and extra < p.teacher_extra_steps:
-        n = min(p.extra_eval_every, p.teacher_extra_steps - extra)
-        r = train_sft(teacher, stream, tok, steps=n, batch_size=p.teacher_batch_size, lr=p.teacher_lr * p.extra_lr_frac,
-                      warmup_steps=0, weight_decay=p.weight_decay, final_lr_frac=1.0, desc="teacher extra",
-                      progress=progress, max_buckets=p.length_buckets)
-        extra += n
-        t_train += r.wall_s
-        t_acc, dt = accuracy(teacher)
-        t_eval += dt
+    if t_acc < p.min_teacher_accuracy and p.teacher_extra_steps > 0:
+        extra, t_acc, dt_train, dt_eval = train_until(
+            teacher, stream, max_steps=p.teacher_extra_steps, first_eval=p.extra_eval_every, every=p.extra_eval_every,
+            target=p.min_teacher_accuracy, batch_size=p.teacher_batch_size, lr=p.teacher_lr * p.extra_lr_frac,
+            warmup_steps=0, desc="teacher extra")
+        t_train, t_eval = t_train + dt_train, t_eval + dt_eval
         say(f"prepare: teacher after {extra} extra steps: {t_acc:.1%}")
     if t_acc < p.min_teacher_accuracy:
         raise PrepareError(
@@ -183,30 +201,18 @@ def _build(cfg: Config, progress: bool) -> dict:
 
     # ---- student: same data stream from its start, constant rate, stopped once it reaches the target ----
     student = build_model(cfg.model.student, tok.vocab_size, p.seed + 1, tok.pad_token_id, tok.eos_token_id)
-    s_acc, s_eval = 0.0, 0.0
-
-    def reached_target(step: int, _loss: float) -> bool:
-        nonlocal s_acc, s_eval
-        if step < p.student_min_steps or (step % p.student_eval_every and step < p.student_max_steps):
-            return False
-        s_acc, dt = accuracy(student)
-        student.train()
-        s_eval += dt
-        return s_acc >= p.student_stop_accuracy
-
-    s_res = train_sft(student, TrainStream(cfg.task, exclude=tests), tok, steps=p.student_max_steps,
-                      batch_size=p.student_batch_size, lr=p.student_lr, warmup_steps=p.warmup_steps,
-                      weight_decay=p.weight_decay, final_lr_frac=1.0, desc="prepare student", progress=progress,
-                      max_buckets=p.length_buckets, callback=reached_target)
-    s_train = s_res.wall_s - s_eval
+    s_steps, s_acc, s_train, s_eval = train_until(
+        student, TrainStream(cfg.task, exclude=tests), max_steps=p.student_max_steps, first_eval=p.student_min_steps,
+        every=p.student_eval_every, target=p.student_stop_accuracy, batch_size=p.student_batch_size,
+        lr=p.student_lr, warmup_steps=p.warmup_steps, desc="prepare student")
     lo, hi = p.student_accuracy_range
     in_range = lo <= s_acc <= hi
-    say(f"prepare: student {num_parameters(student) / 1e6:.2f} M params, {s_res.steps} steps in "
+    say(f"prepare: student {num_parameters(student) / 1e6:.2f} M params, {s_steps} steps in "
         f"{s_train:.0f} s: greedy test accuracy {s_acc:.1%}")
     if not in_range:
         log.warning("prepare: student accuracy %.3f is outside model.prepare.student_accuracy_range %s after %d "
                     "steps; adjust model.prepare.student_stop_accuracy (now %s) or student_eval_every (now %d)",
-                    s_acc, [lo, hi], s_res.steps, p.student_stop_accuracy, p.student_eval_every)
+                    s_acc, [lo, hi], s_steps, p.student_stop_accuracy, p.student_eval_every)
         if progress:
             print(f"prepare: WARNING student accuracy {s_acc:.1%} is outside [{lo:.0%}, {hi:.0%}]; adjust "
                   f"model.prepare.student_stop_accuracy or model.prepare.student_eval_every", flush=True)
@@ -233,7 +239,7 @@ def _build(cfg: Config, progress: bool) -> dict:
             "spec": dataclasses.asdict(cfg.model.teacher),
         },
         "student": {
-            "path": str(root / "student"), "accuracy": s_acc, "steps": s_res.steps, "in_range": in_range,
+            "path": str(root / "student"), "accuracy": s_acc, "steps": s_steps, "in_range": in_range,
             "params": num_parameters(student), "train_wall_s": round(s_train, 2),
             "eval_wall_s": round(s_eval, 2), "spec": dataclasses.asdict(cfg.model.student),
         },
