@@ -2,7 +2,7 @@
 
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -179,8 +179,8 @@ def run_training(cfg: Config) -> dict:
             sync.close()
         if fleet is not None:
             fleet.shutdown()
-        if learner is None and learner_launch.exception() is None:
-            learner = learner_launch.result()  # the fleet failed first: this learner must not outlive the run
+        if learner is None:  # the fleet failed first: the learner launched beside it must not outlive the run
+            learner = _launched_or_none(learner_launch)
         if learner is not None:
             learner.shutdown()
         if owns_ray:
@@ -215,6 +215,15 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, st
         "final_loss": last.get("loss"),
     }
 
+
+
+def _launched_or_none(launch: Future, timeout_s: float = 120.0) -> LearnerGroup | None:
+    """The learner group a failed run started, to shut down; None if its launch failed too or never ends
+    (an actor that cannot be placed; a cluster we own is torn down with ray.shutdown anyway)."""
+    try:
+        return launch.result(timeout=timeout_s)
+    except Exception:  # the run's own error is already propagating; this one adds nothing
+        return None
 
 
 def _gap_closed(initial: float, final: float, teacher: float | None) -> float | None:
