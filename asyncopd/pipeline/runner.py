@@ -216,7 +216,6 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, st
     }
 
 
-
 def _launched_or_none(launch: Future, timeout_s: float = 120.0) -> LearnerGroup | None:
     """The learner group a failed run started, to shut down; None if its launch failed too or never ends
     (an actor that cannot be placed; a cluster we own is torn down with ray.shutdown anyway)."""
