@@ -1,17 +1,35 @@
 """A tiny Qwen2 checkpoint and a hand-made learner batch, shared by the learner tests."""
 
+import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.learner.collate import LearnerBatch, collate
+from asyncopd.learner.config import LearnerConfig
 from asyncopd.rollout.types import Rollout
 from asyncopd.teacher.types import TeacherScores
+from tests._tolerances import (
+    EPS32,
+    FP32_ESTIMATOR,
+    adam_first_step_tol,
+    assert_within,
+    grad_tol,
+    logit_tol,
+    rounding_tol,
+)
+from tests.conftest import TEST_THREADS
 
 VOCAB = 19
 ESTIMATOR = EstimatorConfig(name="forward_kl", top_k=4)
+
+
+def learner_config(**knobs) -> LearnerConfig:
+    """A LearnerConfig at the suite's thread count (a learner sets torch's threads from its config)."""
+    return LearnerConfig(threads=TEST_THREADS, **knobs)
 
 
 def make_checkpoint(path: Path) -> Path:
@@ -44,3 +62,29 @@ def make_batch(seed: int = 1) -> LearnerBatch:
                           token_logprob=teacher.gather(-1, torch.from_numpy(response).long()[:, None])[:, 0].numpy()),
         ))
     return collate(pairs, pad_id=0)
+
+
+def assert_same_step(metrics: dict, weights: dict, reference, expected: dict, batch: LearnerBatch,
+                     grads: dict | None = None) -> None:
+    """A learner's first train_step on `batch` (its `metrics`, new `weights` and, if given, clipped `grads`, by
+    Hugging Face name) is TorchLearner `reference`'s (`expected` metrics, its model and .grad) up to float32
+    rounding: the two run the same math with other reductions (another model implementation, TP partial sums)."""
+    model, ids = reference.model, batch.input_ids
+    # Forward KL is 2-Lipschitz in the logits' max norm (its logit gradient sums to <= 2 per token); the
+    # estimator's own reductions (vocabulary-sharded under TP) round within FP32_ESTIMATOR on this smaller batch.
+    loss_tol = 2 * logit_tol(model, ids.shape[1]) + FP32_ESTIMATOR
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=0, abs=loss_tol)
+    params = dict(model.named_parameters())
+    g_tols = {name: grad_tol(model, ids, p.grad) for name, p in params.items()}
+    # The norm moves by at most the norm of the gradients' errors, plus its own sum over every entry; the clip
+    # factor (grad_clip / norm) carries the same relative error into every clipped entry.
+    norm = math.sqrt(sum(float(p.grad.square().sum()) for p in params.values()))  # clipped: the ratio is the same
+    moved = math.sqrt(sum(p.numel() * g_tols[name] ** 2 for name, p in params.items()))
+    norm_rtol = moved / norm + rounding_tol(EPS32, sum(p.numel() for p in params.values()), 1.0)
+    assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=norm_rtol, abs=0)
+    lr = reference.cfg.lr
+    for name, p in params.items():
+        if grads is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=norm_rtol, atol=g_tols[name], msg=name)
+        step_tol = adam_first_step_tol(p.grad, g_tols[name] + norm_rtol * p.grad.abs(), lr, p.detach())
+        assert_within(weights[name], p.detach(), step_tol, name)

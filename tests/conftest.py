@@ -1,5 +1,13 @@
-"""Shared fixtures: tiny teacher/student checkpoints built in seconds (the real ones come from prepare)."""
+"""Shared fixtures: tiny teacher/student checkpoints built in seconds (the real ones come from prepare).
 
+Every test runs with torch's intra-op thread count set to ``ASYNCOPD_TEST_THREADS`` (default 1), and so do
+the learners, Ray actors and worker processes whose results a test compares (they are given
+``TEST_THREADS``), so ``ASYNCOPD_TEST_THREADS=2 make test`` runs the suite with its reductions split another
+way. The end-to-end pipeline runs keep their configs' per-role thread budgets. Numeric tolerances hold at any
+thread count: see tests/_tolerances.py.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +17,7 @@ from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.model.build import build_model, save_checkpoint
 from asyncopd.model.config import ModelSpec
 
+TEST_THREADS = int(os.environ.get("ASYNCOPD_TEST_THREADS", "1"))
 TINY_TEACHER = ModelSpec(num_layers=1, hidden_size=48, num_heads=2, num_kv_heads=2, intermediate_size=96)
 TINY_STUDENT = ModelSpec(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
@@ -28,5 +37,5 @@ def tiny_artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+def _test_threads():
+    torch.set_num_threads(TEST_THREADS)

@@ -33,16 +33,18 @@ def test_quick_synthetic_run_writes_json_and_png(tmp_path, capsys):
         return found[0]
 
     # sparse estimators are deterministic (no variance) and biased; the bias does not depend on
-    # staleness when the support is the teacher's
+    # staleness when the support is the teacher's (pi_old is never read: the same ops on the same values, exact)
     for k in (1, 8):
         a, b = row("sparse_rkl[teacher]", 0.0, K=k), row("sparse_rkl[teacher]", 1.0, K=k)
-        assert a["variance"] == 0 and a["bias"] == pytest.approx(b["bias"]) and a["relative_bias"] > 0.1
-    # importance-corrected MC stays within its noise floor when stale; dropping the ratio does not
+        assert a["variance"] == 0 and a["bias"] == b["bias"] and a["relative_bias"] > 0.1
+    # importance-corrected MC stays within its noise floor when stale; dropping the ratio does not. The noise
+    # floor is the standard error sqrt(variance / R) of the mean estimate: 3 of them, a statistical bound
+    # (fixed seed), not a rounding one
     stale_mc = row("mc_rkl", 1.0, M=8)
     assert stale_mc["bias"] < 3 * stale_mc["bias_noise_floor"]
     no_is = row("mc_rkl[no-IS]", 1.0, M=8)
     assert no_is["bias"] > 3 * no_is["bias_noise_floor"]
-    # more samples, less variance
+    # more samples, less variance: 1/4 of it in expectation for 4x the samples, 0.5 leaves room for sampling noise
     assert row("mc_rkl", 1.0, M=8)["variance"] < 0.5 * row("mc_rkl", 1.0, M=2)["variance"]
     # staleness is measured as KL(pi_old || pi_theta): zero on-policy
     assert row("mc_rkl", 0.0, M=2)["staleness_kl"] == 0 < row("mc_rkl", 1.0, M=2)["staleness_kl"]

@@ -48,7 +48,7 @@ def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
     assert summary["steps"] == 4
     assert summary["max_observed_staleness"] <= k
     t, a0, a1 = summary["teacher_accuracy"], summary["initial_accuracy"], summary["final_accuracy"]
-    assert summary["gap_closed"] == (None if t is None or t <= a0 else pytest.approx((a1 - a0) / (t - a0)))
+    assert summary["gap_closed"] == (None if t is None or t <= a0 else (a1 - a0) / (t - a0))  # same float64 ops
     assert sum(summary["staleness_histogram"].values()) == 4 * 8
     if k == 0:
         assert summary["staleness_histogram"] == {0: 32}

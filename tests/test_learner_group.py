@@ -21,7 +21,7 @@ from asyncopd.rollout.client import SGLangClient  # noqa: E402
 from asyncopd.rollout.engine import RolloutEngine  # noqa: E402
 from asyncopd.rollout.http_server import RolloutServer  # noqa: E402
 from asyncopd.weights.process_group import find_free_port  # noqa: E402
-from tests._learner_fixtures import ESTIMATOR, make_batch  # noqa: E402
+from tests._learner_fixtures import ESTIMATOR, assert_same_step, learner_config, make_batch  # noqa: E402
 from tests.conftest import make_artifacts  # noqa: E402
 
 GROUP = "test_learner_group"
@@ -43,7 +43,7 @@ def ray_cluster(tmp_path_factory):
 
 def _cfg(**learner) -> Config:
     # grad_clip far below the gradient norm: the global clip across the TP ranks is exercised
-    return Config(learner=LearnerConfig(lr=1e-2, grad_clip=0.05, **learner), estimator=ESTIMATOR)
+    return Config(learner=learner_config(lr=1e-2, grad_clip=0.05, **learner), estimator=ESTIMATOR)
 
 
 def _sync(group: LearnerGroup, client: SGLangClient, version: int) -> None:
@@ -88,8 +88,6 @@ def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
 
         metrics = group.train_step(make_batch())
         assert group.version() == 1
-        assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-6)
-        assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
         assert metrics["grad_norm"] > 10 * 0.05  # the clip was active
 
         _sync(group, client, version=1)
@@ -101,13 +99,12 @@ def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
             "config.json", "model.safetensors", "learner_state.rank0.pt", "learner_state.rank1.pt"}
         held = dict(load_model(tmp_path / "ckpt").named_parameters())
         initial = dict(load_model(student).named_parameters())
-        stepped = dict(reference.model.named_parameters())
         served = dict(engine.model.named_parameters())
         assert set(served) == set(held)
         for name, p in held.items():
             assert torch.equal(served[name], p), name
             assert not torch.equal(p, initial[name]), f"{name} was not updated"
-            torch.testing.assert_close(p, stepped[name].detach(), atol=2e-5, rtol=0, msg=name)
+        assert_same_step(metrics, {name: p.detach() for name, p in held.items()}, reference, expected, make_batch())
 
         assert group.load(str(tmp_path / "ckpt")) == 1
     finally:
@@ -120,7 +117,8 @@ def test_torch_group_is_one_rank(student):
     try:
         assert group.world_size == 1
         reference = TorchLearner(_cfg().learner, ESTIMATOR, student, max_staleness=2)
-        assert group.train_step(make_batch())["loss"] == pytest.approx(reference.train_step(make_batch())["loss"])
+        # one TorchLearner in an actor, one here, at the same thread count: the same ops in the same order
+        assert group.train_step(make_batch())["loss"] == reference.train_step(make_batch())["loss"]
         assert group.version() == 1
     finally:
         group.shutdown()

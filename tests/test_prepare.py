@@ -11,7 +11,7 @@ from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
 from asyncopd.model import prepare as prepare_mod
 from asyncopd.model.build import load_model
 from asyncopd.model.config import ModelSpec
-from asyncopd.model.evaluate import greedy_accuracy, score_responses
+from asyncopd.model.evaluate import greedy_accuracy, greedy_eval, score_responses
 from asyncopd.model.prepare import PrepareError, run_prepare
 from asyncopd.model.sft import encode_batch, encode_bucketed, length_buckets
 
@@ -50,8 +50,11 @@ def test_tiny_prepare_writes_loadable_checkpoints_and_caches(tmp_path, monkeypat
     tok = CharTokenizer.load(root / "student")
     from asyncopd.data.task import test_problems
 
-    acc = greedy_accuracy(load_model(root / "student"), test_problems(cfg.task), tok)
-    assert acc == pytest.approx(stored["student"]["accuracy"])
+    tests = test_problems(cfg.task)
+    ev = greedy_eval(load_model(root / "student"), tests, tok)
+    # prepare evaluated at model.prepare.threads, this at the suite's: only near ties may decide otherwise
+    ties = max(stored["student"]["near_ties"], ev.near_ties())
+    assert abs(ev.accuracy - stored["student"]["accuracy"]) <= ties / len(tests) + 1e-12
 
     # cache hit: returns without training
     def boom(*a, **k):

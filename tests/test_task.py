@@ -42,6 +42,7 @@ def test_sampled_problems_are_consistent_and_in_range():
         assert eval(p.prompt[2:-1]) == cur  # noqa: S307 - digits and +/- only
         assert p == make_problem(list(p.operands), list(p.ops))
     frac = {k: v / 3000 for k, v in counts.items()}
+    # a frequency over n = 3000 draws has sd sqrt(p (1 - p) / n) <= 0.0092: 0.04 is >= 4.3 sd (seeded: deterministic)
     assert abs(frac[2] - 0.5) < 0.04 and abs(frac[3] - 0.3) < 0.04 and abs(frac[4] - 0.2) < 0.04
 
 

@@ -12,6 +12,7 @@ from asyncopd.teacher.client import TeacherClient, _split_balanced
 from asyncopd.teacher.scorer import score_sequences
 from asyncopd.teacher.server import TeacherServer
 from tests._serving_fixtures import VOCAB, full_logprobs, save_tiny, tiny_model
+from tests._tolerances import EPS16, logprob_tol
 
 
 def _brute(model, seq, start, k, queries=None):
@@ -70,13 +71,14 @@ def test_scorer_matches_brute_force(model, max_tokens, chunk):
     res = score_sequences(model, seqs, starts, 5, queries, max_tokens_per_forward=max_tokens,
                           positions_per_chunk=chunk)
     assert res.offsets.tolist() == [0, 3, 8, 8, 19, 19]
+    tol = logprob_tol(model, max(len(s) for s in seqs))  # float32: padded, chunked batch vs one forward per row
     for i, (s, st) in enumerate(zip(seqs, starts, strict=True)):
         a, b = res.offsets[i], res.offsets[i + 1]
         ti, tv, tok, q = _brute(model, s, st, 5, queries[a:b])
         np.testing.assert_array_equal(res.topk_ids[a:b], ti)
-        np.testing.assert_allclose(res.topk_logprobs[a:b], tv, atol=1e-5)
-        np.testing.assert_allclose(res.token_logprob[a:b], tok, atol=1e-5)
-        np.testing.assert_allclose(res.query_logprobs[a:b], q, atol=1e-5)
+        np.testing.assert_allclose(res.topk_logprobs[a:b], tv, atol=tol)
+        np.testing.assert_allclose(res.token_logprob[a:b], tok, atol=tol)
+        np.testing.assert_allclose(res.query_logprobs[a:b], q, atol=tol)
         assert np.all(np.diff(res.topk_logprobs[a:b], axis=1) <= 0)  # descending
 
 
@@ -117,14 +119,16 @@ def test_score_round_trip_equals_brute_force(servers, model, with_queries):
     for ro, sc in zip(rollouts, scores, strict=True):
         seq = np.concatenate([ro.prompt_ids, ro.response_ids])
         ti, tv, tok, q = _brute(model, seq, len(ro.prompt_ids), 6, ro.mc_ids if with_queries else None)
+        tol = logprob_tol(model, len(seq))  # float32: the server's padded batch vs one forward of this row
         assert sc.topk_ids.dtype == np.int32 and sc.topk_logprobs.dtype == np.float32
         assert sc.topk_ids.shape == (ro.num_tokens, 6)
         np.testing.assert_array_equal(sc.topk_ids, ti)
-        np.testing.assert_allclose(sc.topk_logprobs, tv, atol=1e-5)
-        np.testing.assert_allclose(sc.token_logprob, tok, atol=1e-5)
+        np.testing.assert_allclose(sc.topk_logprobs, tv, atol=tol)
+        np.testing.assert_allclose(sc.token_logprob, tok, atol=tol)
         if with_queries:
-            np.testing.assert_allclose(sc.query_logprobs, q, atol=1e-5)
-            np.testing.assert_allclose(sc.query_logprobs[:, 0], sc.token_logprob, atol=1e-6)
+            np.testing.assert_allclose(sc.query_logprobs, q, atol=tol)
+            # mc_ids[:, 0] is the response token: one element of one log-softmax, exact
+            np.testing.assert_array_equal(sc.query_logprobs[:, 0], sc.token_logprob)
         else:
             assert sc.query_logprobs is None
 
@@ -141,8 +145,9 @@ def test_student_topk_scores_split_from_mc_scores(servers, model):
         seq = np.concatenate([ro.prompt_ids, ro.response_ids])
         *_, q_mc = _brute(model, seq, len(ro.prompt_ids), 2, ro.mc_ids)
         *_, q_st = _brute(model, seq, len(ro.prompt_ids), 2, ro.student_topk_ids)
-        np.testing.assert_allclose(sc.query_logprobs, q_mc, atol=1e-5)
-        np.testing.assert_allclose(sc.student_topk_logprobs, q_st, atol=1e-5)
+        tol = logprob_tol(model, len(seq))  # float32: the server's padded batch vs one forward of this row
+        np.testing.assert_allclose(sc.query_logprobs, q_mc, atol=tol)
+        np.testing.assert_allclose(sc.student_topk_logprobs, q_st, atol=tol)
     only = client.score(rollouts, top_k=2, with_student_topk=True)
     assert only[0].query_logprobs is None and only[0].student_topk_logprobs.shape == (rollouts[0].num_tokens, 2)
     rollouts[0].student_topk_ids = None
@@ -156,10 +161,13 @@ def test_float16_wire_halves_logprob_bytes(servers):
     c16 = TeacherClient([servers[0].url], wire_dtype="float16")
     s32 = c32.score(rollouts, top_k=8, with_queries=True)
     s16 = c16.score(rollouts, top_k=8, with_queries=True)
+    # The same float32 scores (same request, same batches), the second rounded once to float16 (to nearest):
+    # relative error <= EPS16 / 2, or half the subnormal spacing (2**-25) below float16's smallest normal.
+    half_subnormal = torch.finfo(torch.float16).smallest_normal * EPS16 / 2
     for a, b in zip(s32, s16, strict=True):
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, rtol=2e-3, atol=2e-3)
-        np.testing.assert_allclose(a.query_logprobs, b.query_logprobs, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, rtol=EPS16 / 2, atol=half_subnormal)
+        np.testing.assert_allclose(b.query_logprobs, a.query_logprobs, rtol=EPS16 / 2, atol=half_subnormal)
     tokens = c32.last_stats["tokens"]
     # int32 ids stay, logprobs (8 top-k + 1 token + 8 queries per position) halve
     assert c32.last_stats["bytes_per_token"] > 8 * 4 + 17 * 4
@@ -266,9 +274,10 @@ def test_sglang_prefill_teacher_client_against_the_engine(model):
                 continue
             seq = np.concatenate([ro.prompt_ids, ro.response_ids])
             ti, tv, tok, _ = _brute(model, seq, len(ro.prompt_ids), 4)
+            tol = logprob_tol(model, len(seq))  # float32: the engine's batched prefill vs one forward of this row
             np.testing.assert_array_equal(sc.topk_ids, ti)
-            np.testing.assert_allclose(sc.topk_logprobs, tv, atol=1e-5)
-            np.testing.assert_allclose(sc.token_logprob, tok, atol=1e-5)
+            np.testing.assert_allclose(sc.topk_logprobs, tv, atol=tol)
+            np.testing.assert_allclose(sc.token_logprob, tok, atol=tol)
         with pytest.raises(ValueError, match="per-position query scores .* teacher=embedded"):
             client.score(_random_rollouts(2, m=2), top_k=2, with_queries=True)
         with pytest.raises(ValueError, match="teacher.backend"):

@@ -19,7 +19,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from asyncopd.config.load import load_config
     from asyncopd.model.prepare import run_prepare
 
-    run_prepare(load_config(args.overrides))
+    run_prepare(load_config(args.overrides), force=args.rebuild)
     return 0
 
 
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     _overrides(p)
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("prepare", help="build tokenizer, teacher and student checkpoints (cached)")
+    p = sub.add_parser("prepare", help="install (shipped) or build tokenizer, teacher and student (cached)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="train both models from scratch even if shipped or cached ones match the config")
     _overrides(p)
     p.set_defaults(func=_cmd_prepare)
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         _overrides(p)
         p.set_defaults(func=_cmd_train, prepare=prepare)
 
-    p = sub.add_parser("bench", help="sync vs async pipeline benchmark (`asyncopd bench memory`: estimator memory)")
+    p = sub.add_parser("bench", help="sync vs async pipeline benchmark (`asyncopd bench memory`: estimator "
+                       "memory, `bench latency`: HTTP call latency, `bench prepare`: the prepare recipe over seeds)")
     from asyncopd.bench.pipeline_bench import add_arguments as add_pipeline_bench
 
     add_pipeline_bench(p)
@@ -73,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     estimator_memory.add_arguments(p)
     p.set_defaults(func=lambda a: (estimator_memory.run(a), 0)[1])
 
+    from asyncopd.bench import prepare_bench
+
+    p = sub.add_parser("bench-prepare", help="the prepare recipe from scratch over seeds x torch threads")
+    prepare_bench.add_arguments(p)
+    p.set_defaults(func=lambda a: (prepare_bench.run(a), 0)[1])
+
+    from asyncopd.bench import latency
+
+    p = sub.add_parser("bench-latency", help="HTTP latency of /health, /generate, /score, weight update")
+    latency.add_arguments(p)
+    p.set_defaults(func=lambda a: (latency.run(a), 0)[1])
+
     p = sub.add_parser("analyze-estimators", help="bias/variance of reverse-KL gradient estimators")
     from asyncopd.estimators import analyze
 
@@ -80,16 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=lambda a: (analyze.run(a), 0)[1])
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["bench", "memory"]:  # `bench` takes free Hydra overrides, so route its one subcommand here
-        argv = ["bench-memory", *argv[2:]]
+    # `bench` takes free Hydra overrides, so its subcommands are routed here
+    if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"]):
+        argv = [f"bench-{argv[1]}", *argv[2:]]
     args = parser.parse_args(argv)
     from asyncopd.config.load import ConfigError
+    from asyncopd.model.prepare import PrepareError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"asyncopd: config error: {e}", file=sys.stderr)
         return 2
+    except PrepareError as e:  # the recipe or a shipped model failed its check: what to do, no traceback
+        print(f"asyncopd: prepare failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ class PrepareConfig:
     Left un-annealed, it also takes OPD's first updates without the accuracy dip an annealed student shows.
     """
 
-    teacher_steps: int = 900
-    teacher_batch_size: int = 64
-    teacher_lr: float = 1.5e-3
+    teacher_steps: int = 800
+    teacher_batch_size: int = 128
+    teacher_lr: float = 3e-3
     student_max_steps: int = 600
     student_min_steps: int = 250
     student_eval_every: int = 10

@@ -96,7 +96,10 @@ class ServerThread:
         import uvicorn
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto must be IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY on a
+        # connection only when sock.proto == IPPROTO_TCP (base_events._set_nodelay). Without it, Nagle plus
+        # the client's delayed ACK stall every response after the first on a kept-alive connection ~40 ms.
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host = host

@@ -10,5 +10,5 @@ class PipelineConfig:
     steps: int = 200
     eval_every: int = 50
     eval_prompts: int = 500
-    seed: int = 0
+    seed: int = 0  # rollout sampling: batch s samples with seed * 2**32 + 64 * s (+ engine index)
     time_limit_s: float = 0.0  # stop early after this many seconds of training (0 = no limit)

@@ -65,16 +65,18 @@ class Fleet:
                 )
 
     def generate(self, prompts: list[list[int]], *, temperature: float | None = None, mc_samples: int = 0,
-                 student_top_k: int = 0) -> list[Rollout]:
-        """Split the batch evenly across engines and generate the shards concurrently."""
+                 student_top_k: int = 0, seed: int | None = None) -> list[Rollout]:
+        """Split the batch evenly across engines and generate the shards concurrently (engine i samples with
+        ``seed + i`` when a seed is given)."""
         r = self.cfg.rollout
         n = len(self.engines)
         shards = [prompts[i::n] for i in range(n)]
         futures = [
             self.pool.submit(engine.generate, shard, max_new_tokens=r.max_new_tokens,
                              temperature=r.temperature if temperature is None else temperature,
-                             top_p=r.top_p, mc_samples=mc_samples, student_top_k=student_top_k)
-            for engine, shard in zip(self.engines, shards, strict=True) if shard
+                             top_p=r.top_p, mc_samples=mc_samples, student_top_k=student_top_k,
+                             seed=None if seed is None else seed + i)
+            for i, (engine, shard) in enumerate(zip(self.engines, shards, strict=True)) if shard
         ]
         results = [f.result() for f in futures]
         out: list[Rollout] = [None] * len(prompts)  # type: ignore[list-item]

@@ -60,8 +60,10 @@ class OPDStages:
         B = self.cfg.pipeline.batch_size
         problems = self.stream.take(B)
         prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        # batch s samples with its own seed: a run is reproducible per batch, and pipeline.seed picks the run
         rollouts = self.fleet.generate(prompts, mc_samples=self.req.mc_samples,
-                                       student_top_k=self.req.student_top_k)
+                                       student_top_k=self.req.student_top_k,
+                                       seed=self.cfg.pipeline.seed * 2**32 + s * 64)
         for i, (r, p) in enumerate(zip(rollouts, problems, strict=True)):
             r.ticket = s * B + i
             r.metadata["problem"] = p

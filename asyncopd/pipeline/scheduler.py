@@ -6,7 +6,7 @@ It knows nothing about models or HTTP; the real pipeline and the tests plug stag
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +25,16 @@ class Stages(Protocol):
         """One learner step on batch `batch_index`, then the weight sync to version batch_index + 1."""
 
 
+def speedup_bound(busy_s: Sequence[float], cores: float) -> float:
+    """The most that overlapping the roles can gain over running them in turn (which takes sum(busy_s)).
+
+    An overlapped run lasts at least as long as its busiest role, and at least as long as all the work spread
+    evenly over the `cores` the roles share: bound = sum / max(max_role, sum / cores). With a core (or device)
+    per role, sum / cores <= max_role and this is the plain overlap bound sum / max."""
+    total = sum(busy_s)
+    return total / max(max(busy_s), total / cores, 1e-9)
+
+
 @dataclass
 class StageTimes:
     """Busy seconds of each role per step, from which the ideal overlap bound (sum / max) follows."""
@@ -35,8 +45,9 @@ class StageTimes:
     wall_s: float = 0.0
 
     def ideal_speedup(self) -> float:
+        """The overlap bound of this run's own busy times, as if each role had its own cores."""
         totals = [sum(self.rollout), sum(self.teacher), sum(self.learner)]
-        return sum(totals) / max(max(totals), 1e-9)
+        return speedup_bound(totals, cores=len(totals))
 
 
 def run_stages(stages: Stages, steps: int, max_staleness: int,
