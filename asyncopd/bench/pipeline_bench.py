@@ -16,6 +16,10 @@ from asyncopd.config.load import load_config
 from asyncopd.pipeline.scheduler import speedup_bound
 
 ROLES = ("rollout", "teacher", "learner")
+# --quick: at 30 steps a mode trained ~5-8 s on a fast machine, so the pipeline's fill and drain and any hiccup in
+# the machine's load moved the ratio by tens of percent (30-step windows of one 150-step run differed by 15-25%).
+# 150 steps is tens of seconds per mode even on a 2x-faster machine, and `--quick --repeats 3` over k = 0,1,2,4
+# (12 runs, ~20 s start-up each) stays near 10 minutes on an otherwise idle 2-core machine.
 QUICK_STEPS = 150
 QUICK = [f"pipeline.steps={QUICK_STEPS}", "pipeline.eval_every=0", "run.progress=false"]
 
