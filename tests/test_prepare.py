@@ -96,7 +96,7 @@ def test_prepare_is_deterministic(tmp_path):
 
 def test_teacher_below_threshold_fails_clearly(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    cfg.model.prepare.min_teacher_accuracy = 1.0
+    cfg.model.prepare.min_teacher_accuracy = cfg.model.prepare.teacher_target_accuracy = 1.0
     cfg.model.prepare.teacher_extra_steps = 2
     cfg.model.prepare.extra_eval_every = 1
     with pytest.raises(PrepareError, match="after 5 steps, below model.prepare.min_teacher_accuracy"):
@@ -131,3 +131,14 @@ def test_score_responses_and_batches():
     assert sorted(sum(groups, [])) == list(range(6)) and len(groups) == 3
     micro = encode_bucketed(probs, tok, 3)
     assert sum(int((lab != -100).sum()) for _, lab in micro) == int((labels != -100).sum())
+
+
+def test_teacher_short_of_its_target_trains_on_and_passes_above_the_gate(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    p = cfg.model.prepare
+    p.teacher_target_accuracy, p.teacher_extra_steps, p.extra_eval_every = 1.0, 2, 1  # gate 0: never fails
+    info = run_prepare(cfg, progress=False)
+    assert info["teacher"]["steps"] == 5 and info["teacher"]["extra_steps"] == 2
+    p.min_teacher_accuracy, p.teacher_target_accuracy = 0.5, 0.4
+    with pytest.raises(ValueError, match="min_teacher_accuracy <= model.prepare.teacher_target_accuracy"):
+        run_prepare(cfg, progress=False, force=True)

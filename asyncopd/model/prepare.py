@@ -105,7 +105,9 @@ def _validate(cfg: Config) -> None:
          "model.prepare.teacher_batch_size and model.prepare.student_batch_size must be >= 1"),
         (p.teacher_lr > 0 and p.student_lr > 0, "model.prepare.teacher_lr and model.prepare.student_lr must be > 0"),
         (p.threads >= 1, f"model.prepare.threads must be >= 1 (got {p.threads})"),
-        (0 <= p.min_teacher_accuracy <= 1, "model.prepare.min_teacher_accuracy must be in [0, 1]"),
+        (0 <= p.min_teacher_accuracy <= p.teacher_target_accuracy <= 1,
+         f"model.prepare.min_teacher_accuracy <= model.prepare.teacher_target_accuracy must hold within [0, 1] "
+         f"(got {p.min_teacher_accuracy}, {p.teacher_target_accuracy})"),
         (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] <= 1,
          f"model.prepare.student_accuracy_range must be [low, high] within [0, 1] (got {lo_hi})"),
         (p.extra_eval_every >= 1, "model.prepare.extra_eval_every must be >= 1"),
@@ -275,10 +277,10 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
     say(f"prepare: teacher {num_parameters(teacher) / 1e6:.2f} M params, {steps} steps in {t_train:.0f} s: "
         f"greedy test accuracy {t_ev.accuracy:.1%}")
     extra = 0
-    if t_ev.accuracy < p.min_teacher_accuracy and p.teacher_extra_steps > 0:
+    if t_ev.accuracy < p.teacher_target_accuracy and p.teacher_extra_steps > 0:
         extra, t_ev, dt_train, dt_eval = train_until(
             teacher, stream, max_steps=p.teacher_extra_steps, first_eval=p.extra_eval_every, every=p.extra_eval_every,
-            target=p.min_teacher_accuracy, batch_size=p.teacher_batch_size, lr=p.teacher_lr * p.extra_lr_frac,
+            target=p.teacher_target_accuracy, batch_size=p.teacher_batch_size, lr=p.teacher_lr * p.extra_lr_frac,
             warmup_steps=0, desc="teacher extra")
         t_train, t_eval = t_train + dt_train, t_eval + dt_eval
         say(f"prepare: teacher after {extra} extra steps: {t_ev.accuracy:.1%}")
