@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asyncopd.bench.args import positive_int
 from asyncopd.bench.table import format_table
 from asyncopd.model.config import ModelConfig
 
@@ -36,7 +37,8 @@ TABLE = [("call", "call", "s"), ("n", "n", "d"), ("p50_ms", "p50 ms", ".2f"), ("
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=200, help="timed calls per endpoint (after one warm-up call)")
+    p.add_argument("--requests", type=positive_int, default=200,
+                   help="timed calls per endpoint (after one warm-up call)")
     p.add_argument("--out", default="", help="directory for latency.json and latency.png")
 
 
@@ -82,8 +84,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     from asyncopd.pipeline.fleet import Fleet
     from asyncopd.weights.sync import WeightSync
 
-    if args.requests < 1:
-        raise SystemExit(f"--requests must be >= 1, got {args.requests}")
     with tempfile.TemporaryDirectory(prefix="asyncopd-latency-", ignore_cleanup_errors=True) as tmp:
         cfg = load_config()
         cfg.model.artifacts_dir = str(random_artifacts(cfg.model, Path(tmp)))

@@ -7,10 +7,10 @@ the roles actually share."""
 
 import argparse
 import json
-import os
 from pathlib import Path
 from statistics import median
 
+from asyncopd.bench.args import available_cores, positive_int
 from asyncopd.bench.table import format_table
 from asyncopd.config.load import load_config
 from asyncopd.pipeline.scheduler import speedup_bound
@@ -24,28 +24,13 @@ QUICK_STEPS = 150
 QUICK = [f"pipeline.steps={QUICK_STEPS}", "pipeline.eval_every=0", "run.progress=false"]
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on; the roles' Ray actors inherit the same affinity."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _positive_int(text: str) -> int:
-    """argparse type for counts: zero repeats or cores would divide by zero later."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_STEPS} learner steps per mode, no intermediate evaluation")
     p.add_argument("--staleness", default="0,1,2,4", help="comma-separated k values; 0 is strict sync")
-    p.add_argument("--repeats", type=_positive_int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs per mode, interleaved across modes; medians and spreads are reported")
-    p.add_argument("--cores", type=_positive_int, default=available_cores(),
+    p.add_argument("--cores", type=positive_int, default=available_cores(),
                    help="CPU cores the three roles share, for the resource-aware bound (default: the cores this "
                         "process may run on, %(default)s here). With a core or device per role (one GPU each) "
                         "pass 3: the bound is then the overlap bound sum / max")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from asyncopd.bench.args import available_cores, positive_int
 from asyncopd.bench.table import format_table
 
 TABLE = [("seed", "seed", "d"), ("threads", "threads", "d"), ("teacher_accuracy", "teacher", ".3f"),
@@ -25,9 +26,9 @@ TABLE = [("seed", "seed", "d"), ("threads", "threads", "d"), ("teacher_accuracy"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (initialisation and data order)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (initialisation and data order)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--cores", type=positive_int, default=available_cores(),
                    help="cores the cells share; concurrent cells never ask for more threads than this")
     p.add_argument("--out", default="runs/bench_prepare", help="directory for cells/, prepare_bench.json and .png")
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every cell (e.g. another recipe)")
@@ -56,8 +57,10 @@ def run_cell(overrides: list[str], seed: int, threads: int, artifacts_dir: str) 
             "status": "ok" if s["in_range"] else "FAIL"}
 
 
-def run_cells(cells: list[tuple[int, int]], cores: int, submit_args) -> list[dict]:
-    """Run (seed, threads) cells, starting each when the running cells leave it enough cores."""
+def run_cells(cells: list[tuple[int, int]], cores: int, submit_args: Callable[[int, int], tuple],
+              cell: Callable[..., dict] = run_cell) -> list[dict]:
+    """Run (seed, threads) cells as ``cell(*submit_args(seed, threads))`` in worker processes, starting each
+    when the running cells leave it enough cores."""
     pending = sorted(cells, key=lambda c: (-c[1], c[0]))
     running: dict[Future, int] = {}
     rows = []
@@ -66,7 +69,7 @@ def run_cells(cells: list[tuple[int, int]], cores: int, submit_args) -> list[dic
         while pending or running:
             while pending and (not running or sum(running.values()) + pending[0][1] <= cores):
                 seed, threads = pending.pop(0)
-                running[pool.submit(run_cell, *submit_args(seed, threads))] = threads
+                running[pool.submit(cell, *submit_args(seed, threads))] = threads
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in done:
                 running.pop(f)
