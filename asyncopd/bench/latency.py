@@ -6,7 +6,7 @@ starts what a run starts, the way a run starts it: a private local Ray cluster, 
 engine and one teacher replica as Ray actors serving HTTP on 127.0.0.1, a learner rank joined to the
 engine through the gloo weight-sync group. The checkpoints are randomly initialised models of the
 configured shapes (latency does not depend on the weights, so `asyncopd prepare` is not needed). Each call
-goes through the run's own clients, whose requests.Session keeps its connection alive across calls:
+goes through the run's own clients, whose per-thread connection stays alive across calls:
 
 - `health`: GET /health on the rollout engine;
 - `generate`: a 1-token /generate of one task prompt;

@@ -201,7 +201,7 @@ class SGLangTeacherClient(TeacherClient):
                     raise ServerError(f"{replica.base_url}/generate: input_top_logprobs is not [{t}][{top_k}]")
                 sc.topk_logprobs[:] = [[e[0] for e in row] for row in tops]
                 sc.topk_ids[:] = [[e[1] for e in row] for row in tops]
-        return out, len(r.request.body or b""), len(r.content)
+        return out, r.sent_bytes, len(r.content)
 
 
 def _query_ids(r: Rollout, with_queries: bool, with_student_topk: bool) -> np.ndarray:
