@@ -118,10 +118,17 @@ def _validate(cfg: Config) -> None:
             raise ValueError(msg)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def _swap_in(root: Path, name: str, write) -> None:
+    """``write(tmp)`` fills a temp dir that then replaces ``root/name``: a half-written checkpoint never
+    sits where a run looks."""
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    dst = root / name
     if dst.exists():
         shutil.rmtree(dst)
-    src.rename(dst)
+    tmp.rename(dst)
 
 
 def run_prepare(cfg: Config, *, progress: bool = True, force: bool = False,
@@ -148,9 +155,10 @@ def run_prepare(cfg: Config, *, progress: bool = True, force: bool = False,
     old_threads = torch.get_num_threads()
     torch.set_num_threads(p.threads)
     try:
-        if not force and shipped is not None and _shipped_record(shipped, cfg) is not None:
+        record = _shipped_record(shipped, cfg) if shipped is not None else None
+        if record is not None and not force:
             return install_shipped(cfg, shipped, progress)
-        return _build(cfg, progress, _shipped_record(shipped, cfg) if shipped is not None else None)
+        return _build(cfg, progress, record)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -205,11 +213,7 @@ def install_shipped(cfg: Config, src: Path, progress: bool = True) -> dict:
         _check(name, record[name], measured, len(tests))
         here[name] = {"accuracy": measured.accuracy, "near_ties": measured.near_ties()}
     for name in ("teacher", "student"):
-        tmp = root / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(src / name, tmp)
-        _replace_dir(tmp, root / name)
+        _swap_in(root, name, lambda tmp, name=name: shutil.copytree(src / name, tmp))
     # the accuracies a run reports are this machine's; the recorded ones stay beside them
     info = {**record, "source": "shipped", "install_wall_s": round(time.perf_counter() - t0, 2),
             **{name: {**record[name], **here[name], "recorded_accuracy": record[name]["accuracy"],
@@ -312,11 +316,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
 
     # ---- write: checkpoints into temp dirs, swapped in, prepare.json last ----
     for name, model in (("teacher", teacher), ("student", student)):
-        tmp = root / f".{name}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_checkpoint(model, tok, tmp)
-        _replace_dir(tmp, root / name)
+        _swap_in(root, name, lambda tmp, model=model: save_checkpoint(model, tok, tmp))
     fp_t, fp_s = tokenizer_fingerprint(root / "teacher"), tokenizer_fingerprint(root / "student")
     assert fp_t == fp_s
     sha = {name: _sha256(root / name / WEIGHTS_FILE) for name in ("teacher", "student")}
