@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from asyncopd.estimators.config import EstimatorConfig
-from asyncopd.learner.collate import LearnerBatch, collate
-from asyncopd.learner.config import LearnerConfig
-from asyncopd.rollout.types import Rollout
-from asyncopd.teacher.types import TeacherScores
+from asyncopd.config.schema import Config, EstimatorConfig, LearnerConfig, PipelineConfig
+from asyncopd.core.types import LearnerBatch, Rollout, TeacherScores
+from asyncopd.learner.backends import build_trainer
+from asyncopd.learner.collate import collate
+from asyncopd.learner.trainer import Trainer
 from tests._tolerances import (
     EPS32,
     FP32_ESTIMATOR,
@@ -30,6 +30,12 @@ ESTIMATOR = EstimatorConfig(name="forward_kl", top_k=4)
 def learner_config(**knobs) -> LearnerConfig:
     """A LearnerConfig at the suite's thread count (a learner sets torch's threads from its config)."""
     return LearnerConfig(threads=TEST_THREADS, **knobs)
+
+
+def make_trainer(learner: LearnerConfig, estimator: EstimatorConfig, model_path: str, max_staleness: int) -> Trainer:
+    """The Trainer a learner rank builds, from these sections (rollout temperature 1)."""
+    cfg = Config(learner=learner, estimator=estimator, pipeline=PipelineConfig(max_staleness=max_staleness))
+    return build_trainer(cfg, model_path)
 
 
 def make_checkpoint(path: Path) -> Path:
@@ -64,12 +70,12 @@ def make_batch(seed: int = 1) -> LearnerBatch:
     return collate(pairs, pad_id=0)
 
 
-def assert_same_step(metrics: dict, weights: dict, reference, expected: dict, batch: LearnerBatch,
+def assert_same_step(metrics: dict, weights: dict, reference: Trainer, expected: dict, batch: LearnerBatch,
                      grads: dict | None = None) -> None:
     """A learner's first train_step on `batch` (its `metrics`, new `weights` and, if given, clipped `grads`, by
-    Hugging Face name) is TorchLearner `reference`'s (`expected` metrics, its model and .grad) up to float32
+    Hugging Face name) is the hf Trainer `reference`'s (`expected` metrics, its model and .grad) up to float32
     rounding: the two run the same math with other reductions (another model implementation, TP partial sums)."""
-    model, ids = reference.model, batch.input_ids
+    model, ids = reference.model.module, batch.input_ids
     # Forward KL is 2-Lipschitz in the logits' max norm (its logit gradient sums to <= 2 per token); the
     # estimator's own reductions (vocabulary-sharded under TP) round within FP32_ESTIMATOR on this smaller batch.
     loss_tol = 2 * logit_tol(model, ids.shape[1]) + FP32_ESTIMATOR

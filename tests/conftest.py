@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from asyncopd.config.schema import ModelSpec
 from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.model.build import build_model, save_checkpoint
-from asyncopd.model.config import ModelSpec
 
 TEST_THREADS = int(os.environ.get("ASYNCOPD_TEST_THREADS", "1"))
 TINY_TEACHER = ModelSpec(num_layers=1, hidden_size=48, num_heads=2, num_kv_heads=2, intermediate_size=96)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from asyncopd.estimators import analyze
+from asyncopd.bench import estimator_analysis as analyze
 
 REQUIRED = {"estimator", "K", "M", "staleness", "bias", "variance"}
 
@@ -58,8 +58,8 @@ def test_too_few_replicates_is_a_clear_error():
 def test_embedded_source_uses_checkpoint_logits(tmp_path):
     """Tiny random student/teacher checkpoints stand in for the prepared ones."""
     build = pytest.importorskip("asyncopd.model.build")
+    from asyncopd.config.schema import ModelSpec
     from asyncopd.data.tokenizer import CharTokenizer
-    from asyncopd.model.config import ModelSpec
 
     tok = CharTokenizer()
     spec = ModelSpec(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=2, intermediate_size=32)

@@ -3,14 +3,16 @@
 import pytest
 
 from asyncopd.cli.main import main
-from asyncopd.config.load import ConfigError, load_config
-from asyncopd.config.validate import check_runtime
+from asyncopd.config.load import compose_config
+from asyncopd.core.errors import ConfigError
+from asyncopd.validation import load_config
+from asyncopd.validation.rules import validate
 
 
 def test_defaults_compose_to_the_embedded_demo():
     cfg = load_config()
     assert cfg.run.experiment == "tiny_cpu"
-    assert cfg.rollout.backend == "embedded" and cfg.learner.backend == "torch"
+    assert cfg.rollout.backend == "embedded" and cfg.learner.backend == "hf"
     assert cfg.pipeline.max_staleness == 2
 
 
@@ -39,16 +41,17 @@ def test_bad_values_name_the_field(override, field):
 
 
 def test_gpu_only_configs_fail_early_on_cpu():
-    for override, needle in (("rollout=sglang", "pip install .[gpu]"), ("learner.fp8=true", "Transformer Engine"),
-                             ("weights.backend=nccl", "weights.backend=gloo")):
+    for overrides, needle in (("rollout=sglang", "pip install .[gpu]"),
+                              ("learner=megatron learner.fp8=true", "Transformer Engine"),
+                              ("weights.backend=nccl", "weights.backend=gloo")):
         with pytest.raises(ConfigError) as e:
-            check_runtime(load_config([override]))
+            validate(load_config(overrides.split()), host=True)
         assert needle in str(e.value)
 
 
 def test_production_experiments_compose():
     for name in ("qwen3_1p7b_from_30b", "llama_70b"):
-        cfg = load_config([f"experiment={name}"])
+        cfg = compose_config([f"experiment={name}"])
         assert cfg.learner.backend == "megatron" and cfg.rollout.backend == "sglang"
 
 

@@ -9,12 +9,12 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from asyncopd.config.cluster import ClusterConfig
-from asyncopd.config.load import load_config
 from asyncopd.config.ray_cluster import start_ray
+from asyncopd.config.schema import ClusterConfig
 from asyncopd.data.tokenizer import VOCAB, CharTokenizer
 from asyncopd.pipeline.fleet import VocabularyMismatch
-from asyncopd.pipeline.runner import run_training
+from asyncopd.pipeline.run import run_training
+from asyncopd.validation import load_config
 from tests.conftest import make_artifacts
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from asyncopd.estimators.base import Requirements, build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.base import Requirements
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.stabilisers import m2po_threshold
 from asyncopd.estimators.synthetic import draw_batch
 from tests._tolerances import EPS32, EPS_BF16, FP32_ESTIMATOR, FP64_ESTIMATOR
@@ -401,6 +402,6 @@ def test_every_group_option_is_a_valid_estimator(path):
 
 def test_group_options_cover_every_estimator():
     names = {OmegaConf.load(p).name for p in CONFIG_DIR.glob("*.yaml")}
-    from asyncopd.estimators.base import _REGISTRY
+    from asyncopd.estimators.registry import ESTIMATORS
 
-    assert names == set(_REGISTRY)
+    assert names == set(ESTIMATORS)

@@ -9,8 +9,8 @@ by coordinate, in units of its standard error (std / sqrt(N)).
 import pytest
 import torch
 
-from asyncopd.estimators.base import build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.synthetic import draw_batch
 
 P, V, N = 3, 12, 20000

@@ -9,8 +9,8 @@ lower the exact full-vocabulary KL to the teacher.
 import pytest
 import torch
 
-from asyncopd.estimators.base import build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.synthetic import draw_batch
 
 T, V, B, STEPS = 6, 16, 64, 30

@@ -9,19 +9,27 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-from asyncopd.config.cluster import ClusterConfig  # noqa: E402
 from asyncopd.config.ray_cluster import start_ray  # noqa: E402
-from asyncopd.config.schema import Config  # noqa: E402
-from asyncopd.config.validate import ConfigError  # noqa: E402
-from asyncopd.learner.config import LearnerConfig  # noqa: E402
+from asyncopd.config.schema import (
+    ClusterConfig,
+    Config,  # noqa: E402
+    LearnerConfig,
+)
+from asyncopd.core.errors import ConfigError
+from asyncopd.learner.backends import LEARNER_BACKENDS  # noqa: E402
 from asyncopd.learner.group import LearnerGroup, learner_ranks  # noqa: E402
-from asyncopd.learner.torch_learner import TorchLearner  # noqa: E402
 from asyncopd.model.build import load_model  # noqa: E402
 from asyncopd.rollout.client import SGLangClient  # noqa: E402
 from asyncopd.rollout.engine import RolloutEngine  # noqa: E402
 from asyncopd.rollout.http_server import RolloutServer  # noqa: E402
 from asyncopd.weights.process_group import find_free_port  # noqa: E402
-from tests._learner_fixtures import ESTIMATOR, assert_same_step, learner_config, make_batch  # noqa: E402
+from tests._learner_fixtures import (  # noqa: E402
+    ESTIMATOR,
+    assert_same_step,
+    learner_config,
+    make_batch,
+    make_trainer,
+)
 from tests.conftest import make_artifacts  # noqa: E402
 
 GROUP = "test_learner_group"
@@ -74,8 +82,8 @@ def _sync(group: LearnerGroup, client: SGLangClient, version: int) -> None:
 
 
 def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
-    reference = TorchLearner(_cfg().learner, ESTIMATOR, student, max_staleness=2)
-    expected = reference.train_step(make_batch())
+    reference = make_trainer(_cfg().learner, ESTIMATOR, student, max_staleness=2)
+    expected = reference.train_step(make_batch()).metrics
 
     engine = RolloutEngine(load_model(student), student)
     server = RolloutServer(engine).start()
@@ -86,8 +94,9 @@ def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
         with pytest.raises(RuntimeError, match="before init_weight_group"):
             group.broadcast_weights(BUCKET_BYTES)
 
-        metrics = group.train_step(make_batch())
-        assert group.version() == 1
+        result = group.train_step(make_batch())
+        metrics = result.metrics
+        assert group.version() == result.version == 1 and result.staleness == {0: 3}
         assert metrics["grad_norm"] > 10 * 0.05  # the clip was active
 
         _sync(group, client, version=1)
@@ -112,13 +121,13 @@ def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
         server.stop()
 
 
-def test_torch_group_is_one_rank(student):
+def test_hf_group_is_one_rank(student):
     group = LearnerGroup.launch(_cfg(), student)
     try:
         assert group.world_size == 1
-        reference = TorchLearner(_cfg().learner, ESTIMATOR, student, max_staleness=2)
-        # one TorchLearner in an actor, one here, at the same thread count: the same ops in the same order
-        assert group.train_step(make_batch())["loss"] == reference.train_step(make_batch())["loss"]
+        reference = make_trainer(_cfg().learner, ESTIMATOR, student, max_staleness=2)
+        # one hf Trainer in an actor, one here, at the same thread count: the same ops in the same order
+        assert group.train_step(make_batch()).metrics["loss"] == reference.train_step(make_batch()).metrics["loss"]
         assert group.version() == 1
     finally:
         group.shutdown()
@@ -131,3 +140,17 @@ def test_rank_count_errors():
         learner_ranks(LearnerConfig(tp=2))
     with pytest.raises(ConfigError, match="must both be >= 1"):
         learner_ranks(LearnerConfig(backend="megatron", tp=0))
+    with pytest.raises(ConfigError, match="learner.pp=2 .*set learner.pp=1"):
+        learner_ranks(LearnerConfig(backend="megatron", tp=2, pp=2))
+    with pytest.raises(ConfigError, match="learner.backend='torch' is unknown"):
+        learner_ranks(LearnerConfig(backend="torch"))
+
+
+def test_hf_refuses_tensor_parallel():
+    with pytest.raises(ConfigError, match=r"learner\.tp=2 with learner\.backend=hf.*learner\.tp=1"):
+        learner_ranks(LearnerConfig(backend="hf", tp=2))
+
+
+def test_backend_table_names():
+    assert set(LEARNER_BACKENDS) == {"hf", "megatron"}
+    assert all(name == backend.name for name, backend in LEARNER_BACKENDS.items())

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from asyncopd.learner.megatron_convert import (
+from asyncopd.learner.megatron.convert import (
     Qwen2Layout,
     hf_to_megatron,
     interleave_qkv,

@@ -1,5 +1,5 @@
-"""MegatronLearner on CPU (real megatron-core GPTModel, real gloo): the same logits, weights and optimizer step as
-the Hugging Face model / TorchLearner, at TP=1 (in this process) and TP=2 (two spawned ranks)."""
+"""The megatron Trainer on CPU (real megatron-core GPTModel, real gloo): the same logits, weights and optimizer step
+as the Hugging Face model / the hf Trainer, at TP=1 (in this process) and TP=2 (two spawned ranks)."""
 
 import tempfile
 
@@ -16,6 +16,7 @@ from tests._learner_fixtures import (  # noqa: E402
     learner_config,
     make_batch,
     make_checkpoint,
+    make_trainer,
 )
 from tests._tolerances import logit_tol  # noqa: E402
 from tests.conftest import TEST_THREADS  # noqa: E402
@@ -30,13 +31,11 @@ def _flat(buckets) -> dict[str, torch.Tensor]:
 
 def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
     """Every check, on this rank; collective calls in the same order on every rank."""
-    from asyncopd.learner.megatron_convert import gather_hf_weights
-    from asyncopd.learner.megatron_learner import MegatronLearner
-    from asyncopd.learner.torch_learner import TorchLearner
+    from asyncopd.learner.megatron.convert import gather_hf_weights
     from asyncopd.model.build import load_model
 
-    learner = MegatronLearner(learner_config(backend="megatron", lr=LR, grad_clip=CLIP, tp=tp), ESTIMATOR, ckpt,
-                              max_staleness=2)
+    learner = make_trainer(learner_config(backend="megatron", lr=LR, grad_clip=CLIP, tp=tp), ESTIMATOR, ckpt,
+                           max_staleness=2)
     try:
         hf = load_model(ckpt)
         hf_params = dict(hf.named_parameters())
@@ -44,7 +43,7 @@ def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
         # 1. full-vocabulary logits equal the HF model's, on a right-padded batch (padding positions included)
         batch = make_batch()
         with torch.no_grad():
-            logits = learner._forward_logits(learner._to_device(batch))
+            logits = learner.model.forward_logits(learner.model.to_device(batch))
             ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         assert logits.shape == ref.shape == (*batch.input_ids.shape, VOCAB)
         # float32: GPTModel (fused QKV, TP partial sums) vs the HF forward, reordered reductions
@@ -59,14 +58,14 @@ def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
         for name, p in hf_params.items():
             assert torch.equal(weights[name], p.detach()), name
 
-        # 3. one train_step with forward_kl: same loss, clipped grad norm and (nearly) the same weights as TorchLearner
-        reference = TorchLearner(learner_config(lr=LR, grad_clip=CLIP), ESTIMATOR, ckpt, max_staleness=2)
-        expected = reference.train_step(make_batch())
-        metrics = learner.train_step(make_batch())
+        # 3. one train_step with forward_kl: same loss, clipped grad norm and (nearly) the same weights as hf
+        reference = make_trainer(learner_config(lr=LR, grad_clip=CLIP), ESTIMATOR, ckpt, max_staleness=2)
+        expected = reference.train_step(make_batch()).metrics
+        metrics = learner.train_step(make_batch()).metrics
         assert learner.version == reference.version == 1
         assert learner.cfg.grad_clip == CLIP  # the configured clip is kept (no workaround value)
         assert metrics["grad_norm"] > 10 * CLIP  # clipping was active
-        grads = dict(gather_hf_weights(learner.model, learner.tp_group, grads=True))
+        grads = dict(gather_hf_weights(learner.model.module, learner.model.tp_group, grads=True))
         weights = _flat(learner.named_weights_for_rollout(bucket_bytes=1 << 20))
         assert_same_step(metrics, weights, reference, expected, make_batch(), grads)
         for name, p in hf_params.items():
@@ -103,13 +102,13 @@ def checkpoint(tmp_path_factory) -> str:
     return str(make_checkpoint(tmp_path_factory.mktemp("qwen2_tiny") / "student"))
 
 
-def test_tp1_matches_hf_and_torch_learner(checkpoint, tmp_path):
+def test_tp1_matches_hf_and_hf_trainer(checkpoint, tmp_path):
     assert not dist.is_initialized()
     check_learner(checkpoint, tp=1, out_dir=str(tmp_path / "ckpt"))
     assert not dist.is_initialized()  # the learner started a 1-rank gloo group and closed it
 
 
-def test_tp2_matches_hf_and_torch_learner(checkpoint, tmp_path):
+def test_tp2_matches_hf_and_hf_trainer(checkpoint, tmp_path):
     init_file = tempfile.mktemp(dir=tmp_path)
     torch.multiprocessing.spawn(_tp2_worker, args=(init_file, checkpoint, str(tmp_path / "ckpt")), nprocs=2)
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
@@ -117,12 +116,13 @@ def test_tp2_matches_hf_and_torch_learner(checkpoint, tmp_path):
 
 
 def test_parallel_layout_errors():
-    from asyncopd.learner.megatron_learner import init_parallel
+    from asyncopd.core.errors import ConfigError
+    from asyncopd.learner.megatron.model import init_parallel
 
     if dist.is_initialized():
         pytest.skip("needs a process without a default process group")
     with pytest.raises(RuntimeError, match="learner.tp=2 needs 2 processes"):
         init_parallel(tp=2)
-    with pytest.raises(NotImplementedError, match="learner.pp=2"):
+    with pytest.raises(ConfigError, match="learner.pp=2.*set learner.pp=1"):
         init_parallel(tp=1, pp=2)
     assert not dist.is_initialized()

@@ -1,4 +1,4 @@
-"""megatron_patches: the CPU patches (idempotent, conditional on CUDA, version-pinned) and the FP8 switch."""
+"""The megatron patches: the CPU ones (idempotent, conditional on CUDA, version-pinned) and the FP8 switch."""
 
 import contextlib
 import dataclasses
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import megatron_patches
-from asyncopd.learner.config import LearnerConfig
-from megatron_patches import cpu_current_device, cpu_rng_tracker
-from megatron_patches.fp8 import TE_MISSING, fp8_context, fp8_recipe_kwargs, have_transformer_engine
+from asyncopd.config.schema import LearnerConfig
+from asyncopd.learner.megatron import patches
+from asyncopd.learner.megatron.patches import cpu_current_device, cpu_rng_tracker
+from asyncopd.learner.megatron.patches.fp8 import TE_MISSING, fp8_context, fp8_recipe_kwargs, have_transformer_engine
 
 pytest.importorskip("megatron.core")
 from megatron.core.tensor_parallel import random as mrandom  # noqa: E402
@@ -24,16 +24,16 @@ def _state():
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the patches apply only without CUDA")
 def test_apply_twice_is_harmless():
-    names = megatron_patches.apply()
-    assert names == ["cpu_current_device", "cpu_rng_tracker"] == megatron_patches.applied()
+    names = patches.apply()
+    assert names == ["cpu_current_device", "cpu_rng_tracker"] == patches.applied()
     before = _state()
-    assert megatron_patches.apply() == names
+    assert patches.apply() == names
     assert _state() == before  # not wrapped twice
     assert torch.cuda.current_device() == torch.device("cpu")
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("patch", megatron_patches.PATCHES, ids=lambda p: p.NAME)
+@pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.NAME)
 def test_each_patch_is_a_noop_with_cuda(patch):
     assert patch.should_apply(cuda_available=True) is False
     assert patch.should_apply(cuda_available=False) is True
@@ -47,7 +47,7 @@ def test_package_apply_with_cuda_does_nothing_even_on_another_version(monkeypatc
 
     monkeypatch.setattr(megatron.core, "__version__", "0.0.1")
     before = _state()
-    assert megatron_patches.apply(cuda_available=True) == []
+    assert patches.apply(cuda_available=True) == []
     assert _state() == before
 
 
@@ -55,15 +55,15 @@ def test_other_megatron_version_is_refused_or_warned(monkeypatch):
     import megatron.core
 
     monkeypatch.setattr(megatron.core, "__version__", "0.15.0")
-    with pytest.raises(megatron_patches.MegatronVersionError, match="0.16.1.*found 0.15.0"):
-        megatron_patches.apply(cuda_available=False)
+    with pytest.raises(patches.MegatronVersionError, match="0.16.1.*found 0.15.0"):
+        patches.apply(cuda_available=False)
     with pytest.warns(UserWarning, match="megatron-core==0.16.1"):
-        megatron_patches.check_megatron_version(strict=False)
+        patches.check_megatron_version(strict=False)
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="the patches apply only without CUDA")
 def test_cpu_rng_tracker_forks_the_cpu_generator():
-    megatron_patches.apply()
+    patches.apply()
     assert cpu_rng_tracker.is_applied() and cpu_current_device.is_applied()
     mrandom.initialize_rng_tracker(force_reset=True)
     tracker = mrandom.get_cuda_rng_tracker()
@@ -112,10 +112,10 @@ def test_fp8_without_transformer_engine_fails_early_and_clearly(tmp_path):
     with pytest.raises(RuntimeError) as err:
         fp8_context(LearnerConfig(fp8=True))
     assert str(err.value) == TE_MISSING == "learner.fp8=true needs Transformer Engine: pip install .[gpu]"
-    from asyncopd.estimators.config import EstimatorConfig
-    from asyncopd.learner.megatron_learner import MegatronLearner
+    from asyncopd.config.schema import Config
+    from asyncopd.learner.backends import build_trainer
 
     was_initialised = dist.is_initialized()
     with pytest.raises(RuntimeError, match=r"needs Transformer Engine: pip install \.\[gpu\]"):
-        MegatronLearner(LearnerConfig(backend="megatron", fp8=True), EstimatorConfig(), str(tmp_path), 1)
+        build_trainer(Config(learner=LearnerConfig(backend="megatron", fp8=True)), str(tmp_path))
     assert dist.is_initialized() == was_initialised  # failed before any process group or model

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from asyncopd.bench import pipeline_bench
-from asyncopd.pipeline import runner
+from asyncopd.pipeline import run as runner
 from asyncopd.pipeline.scheduler import StageTimes, speedup_bound
 
 SYNC_BUSY = (1.8, 3.4, 2.8)  # the calibration bench's sync run: 8.0 s of work, teacher busiest

@@ -5,15 +5,15 @@ import json
 import pytest
 import torch
 
-from asyncopd.config.schema import Config
+from asyncopd.config.schema import Config, ModelSpec
 from asyncopd.data.task import make_problem
 from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
 from asyncopd.model import prepare as prepare_mod
 from asyncopd.model.build import load_model
-from asyncopd.model.config import ModelSpec
 from asyncopd.model.evaluate import greedy_accuracy, greedy_eval, score_responses
 from asyncopd.model.prepare import PrepareError, run_prepare
 from asyncopd.model.sft import encode_batch, encode_bucketed, length_buckets
+from asyncopd.validation.rules import problems
 
 
 def tiny_cfg(tmp_path) -> Config:
@@ -82,8 +82,7 @@ def test_student_stops_at_first_evaluation_reaching_the_target(tmp_path):
     info = run_prepare(cfg, progress=False, force=True)
     assert info["student"]["steps"] == 9 and info["student"]["accuracy"] < 1.0
     p.student_min_steps = 10
-    with pytest.raises(ValueError, match="student_min_steps must be in"):
-        run_prepare(cfg, progress=False, force=True)
+    assert [p.message for p in problems(cfg) if "student_min_steps must be in" in p.message]
 
 
 def test_prepare_is_deterministic(tmp_path):
@@ -140,5 +139,4 @@ def test_teacher_short_of_its_target_trains_on_and_passes_above_the_gate(tmp_pat
     info = run_prepare(cfg, progress=False)
     assert info["teacher"]["steps"] == 5 and info["teacher"]["extra_steps"] == 2
     p.min_teacher_accuracy, p.teacher_target_accuracy = 0.5, 0.4
-    with pytest.raises(ValueError, match="min_teacher_accuracy <= model.prepare.teacher_target_accuracy"):
-        run_prepare(cfg, progress=False, force=True)
+    assert [p.field for p in problems(cfg)] == ["model.prepare.min_teacher_accuracy"]

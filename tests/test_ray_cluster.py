@@ -2,8 +2,8 @@
 
 import ray
 
-from asyncopd.config.cluster import ClusterConfig
 from asyncopd.config.ray_cluster import _SESSION_SUFFIX, _SOCKET_PATH_MAX, ray_temp_dir, start_ray
+from asyncopd.config.schema import ClusterConfig
 
 
 def test_temp_dir_is_the_run_dirs_and_short_enough(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import requests
 import torch
 
+from asyncopd.config.schema import RolloutConfig
 from asyncopd.net.client import ServerError
 from asyncopd.net.server import ServerThread, make_app
 from asyncopd.rollout.client import SGLangClient, parse_version
-from asyncopd.rollout.config import RolloutConfig
 from asyncopd.rollout.engine import RolloutEngine
 from asyncopd.rollout.http_server import RolloutServer
 from tests._serving_fixtures import EOS, VOCAB, full_logprobs, save_tiny, tiny_model
@@ -315,8 +315,8 @@ def test_parse_version():
 def ray_cluster(tmp_path_factory):
     import ray
 
-    from asyncopd.config.cluster import ClusterConfig
     from asyncopd.config.ray_cluster import start_ray
+    from asyncopd.config.schema import ClusterConfig
 
     started = start_ray(ClusterConfig(num_cpus=2), tmp_path_factory.mktemp("ray"))
     yield ray
@@ -326,11 +326,11 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_engine_and_teacher_as_ray_actors(ray_cluster, tmp_path):
+    from asyncopd.config.schema import TeacherConfig
     from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
     from asyncopd.rollout.actor import RolloutEngineActor
     from asyncopd.teacher.actor import TeacherActor
     from asyncopd.teacher.client import TeacherClient
-    from asyncopd.teacher.config import TeacherConfig
 
     ray = ray_cluster
     ckpt = save_tiny(tmp_path / "student", seed=0)
@@ -376,7 +376,7 @@ def test_sglang_launcher_fails_early_without_sglang(tmp_path):
     cmd = sglang_command("/models/x", cfg, 30000)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"]
-    from asyncopd.teacher.config import TeacherConfig
+    from asyncopd.config.schema import TeacherConfig
 
     tcmd = sglang_command("/models/t", TeacherConfig(tp=8, sglang_args="--dtype bfloat16"), 30001)
     assert tcmd[-4:] == ["--tp", "8", "--dtype", "bfloat16"]

@@ -7,7 +7,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncopd.learner.staleness import StalenessViolation, check_staleness
+from asyncopd.core.errors import StalenessViolation
+from asyncopd.learner.staleness import check_staleness
 from asyncopd.pipeline.scheduler import run_stages
 
 

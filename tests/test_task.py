@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from asyncopd.data.config import TaskConfig
+from asyncopd.config.schema import TaskConfig
 from asyncopd.data.task import (
     TrainStream,
     extract_answer,
@@ -81,8 +81,11 @@ def test_verifier_exact_match_after_last_answer_mark():
 
 
 def test_bad_task_config_is_named():
-    with pytest.raises(ValueError, match="operand_probs"):
-        test_problems(TaskConfig(operand_counts=[2, 3], operand_probs=[1.0]))
+    from asyncopd.config.schema import Config
+    from asyncopd.validation.rules import problems
+
+    found = problems(Config(task=TaskConfig(operand_counts=[2, 3], operand_probs=[1.0])))
+    assert [p.field for p in found] == ["task.operand_probs"]
     with pytest.raises(ValueError, match="num_test"):
         test_problems(TaskConfig(max_value=2, num_test=500, operand_counts=[2], operand_probs=[1.0]))
 

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from asyncopd.estimators.base import build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.synthetic import draw_batch
 from asyncopd.estimators.vocab_parallel import (
     VocabShard,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from asyncopd.estimators.base import build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.synthetic import draw_batch
 
 # (label, estimator knobs): every family and the variants that change what is computed per chunk

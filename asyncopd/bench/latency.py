@@ -30,7 +30,7 @@ import numpy as np
 
 from asyncopd.bench.args import positive_int
 from asyncopd.bench.table import format_table
-from asyncopd.model.config import ModelConfig
+from asyncopd.config.schema import ModelConfig
 
 TABLE = [("call", "call", "s"), ("n", "n", "d"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
          ("mean_ms", "mean ms", ".2f"), ("max_ms", "max ms", ".2f")]
@@ -75,13 +75,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Start the serving side and the learner as a run does, time each call, print and save the table."""
     import ray
 
-    from asyncopd.config.load import load_config
     from asyncopd.config.ray_cluster import start_ray
     from asyncopd.data.task import test_problems
     from asyncopd.data.tokenizer import CharTokenizer
     from asyncopd.learner.group import LearnerGroup
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.pipeline.fleet import Fleet
+    from asyncopd.validation import load_config
     from asyncopd.weights.sync import WeightSync
 
     with tempfile.TemporaryDirectory(prefix="asyncopd-latency-", ignore_cleanup_errors=True) as tmp:

@@ -12,8 +12,8 @@ from statistics import median
 
 from asyncopd.bench.args import available_cores, positive_int
 from asyncopd.bench.table import format_table
-from asyncopd.config.load import load_config
 from asyncopd.pipeline.scheduler import speedup_bound
+from asyncopd.validation import load_config
 
 ROLES = ("rollout", "teacher", "learner")
 # --quick: at 30 steps a mode trained ~5-8 s on a fast machine, so the pipeline's fill and drain and any hiccup in
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_pipeline_bench(args: argparse.Namespace) -> dict:
     """Run every mode `--repeats` times and report; repeat r of all modes runs before repeat r + 1, so a
     change in the machine's load hits every mode alike and each repeat's speed-ups compare neighbours."""
-    from asyncopd.pipeline.runner import run_training
+    from asyncopd.pipeline.run import run_training
 
     out = Path(args.out) if args.out else None
     ks = [int(k) for k in args.staleness.split(",")]

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cell(overrides: list[str], seed: int, threads: int, artifacts_dir: str) -> dict:
     """One cell, from scratch (runs in a worker process)."""
-    from asyncopd.config.load import load_config
     from asyncopd.model.prepare import PrepareError, run_prepare
+    from asyncopd.validation import load_config
 
     cfg = load_config([*overrides, f"model.prepare.seed={seed}", f"model.prepare.threads={threads}",
                        f"model.artifacts_dir={artifacts_dir}"])
@@ -98,7 +98,7 @@ def summarize(rows: list[dict], gate: float, student_range: list[float], margin:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from asyncopd.config.load import load_config
+    from asyncopd.validation import load_config
 
     out = Path(args.out)
     threads = [int(t) for t in args.threads.split(",")]

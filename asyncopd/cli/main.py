@@ -1,4 +1,4 @@
-"""`asyncopd` command line: prepare, train, demo, bench, analyze-estimators, config."""
+"""`asyncopd` command line: validate, prepare, train, demo, bench, analyze-estimators, config."""
 
 import argparse
 import sys
@@ -9,23 +9,33 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from asyncopd.config.load import load_config, to_yaml
+    from asyncopd.config.load import to_yaml
+    from asyncopd.validation import load_config
 
     print(to_yaml(load_config(args.overrides)))
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from asyncopd.cli.validate import render
+    from asyncopd.config.load import compose_config
+
+    text, ok = render(compose_config(args.overrides))
+    print(text)
+    return 0 if ok else 2
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from asyncopd.config.load import load_config
     from asyncopd.model.prepare import run_prepare
+    from asyncopd.validation import load_config
 
     run_prepare(load_config(args.overrides), force=args.rebuild)
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from asyncopd.config.load import load_config
-    from asyncopd.pipeline.runner import run_training
+    from asyncopd.pipeline.run import run_training
+    from asyncopd.validation import load_config
 
     cfg = load_config(args.overrides)
     if args.prepare:
@@ -50,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="print the resolved config")
     _overrides(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("validate", help="will this config run, and will it fit? (layouts, GPUs, memory per role; "
+                       "starts nothing; exit 2 names what to change)")
+    _overrides(p)
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("prepare", help="install (shipped) or build tokenizer, teacher and student (cached)")
     p.add_argument("--rebuild", action="store_true",
@@ -89,17 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=lambda a: (latency.run(a), 0)[1])
 
     p = sub.add_parser("analyze-estimators", help="bias/variance of reverse-KL gradient estimators")
-    from asyncopd.estimators import analyze
+    from asyncopd.bench import estimator_analysis
 
-    analyze.add_arguments(p)
-    p.set_defaults(func=lambda a: (analyze.run(a), 0)[1])
+    estimator_analysis.add_arguments(p)
+    p.set_defaults(func=lambda a: (estimator_analysis.run(a), 0)[1])
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bench` takes free Hydra overrides, so its subcommands are routed here
     if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"]):
         argv = [f"bench-{argv[1]}", *argv[2:]]
     args = parser.parse_args(argv)
-    from asyncopd.config.load import ConfigError
+    from asyncopd.core.errors import ConfigError
     from asyncopd.model.prepare import PrepareError
 
     try:

@@ -1,4 +1,4 @@
-"""Compose the Hydra config (schema + groups + overrides) into a validated `Config`."""
+"""Compose the Hydra config (schema + groups + overrides) into a `Config` (asyncopd.validation checks it)."""
 
 import os
 from pathlib import Path
@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from asyncopd.config.schema import Config
-from asyncopd.config.validate import ConfigError, validate
+from asyncopd.core.errors import ConfigError
 
 
 def config_dir() -> Path:
@@ -19,7 +19,7 @@ def config_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
 
 
-def load_config(overrides: list[str] | None = None) -> Config:
+def compose_config(overrides: list[str] | None = None) -> Config:
     ConfigStore.instance().store(name="schema", node=Config)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -29,7 +29,6 @@ def load_config(overrides: list[str] | None = None) -> Config:
         raise ConfigError(
             f"bad config override: {e}\n(see `asyncopd config` for every key and its default)"
         ) from None
-    validate(cfg)
     return cfg
 
 

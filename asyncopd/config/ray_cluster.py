@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from asyncopd.config.cluster import ClusterConfig
+from asyncopd.config.schema import ClusterConfig
 
 # Ray puts unix sockets at <temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a socket
 # path may hold at most 107 bytes; the session part takes up to ~70 of them.

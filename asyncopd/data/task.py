@@ -12,7 +12,8 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from asyncopd.data.config import TaskConfig
+from asyncopd.config.schema import TaskConfig
+from asyncopd.core.errors import ConfigError
 
 ANSWER_MARK = "A:"
 
@@ -29,17 +30,10 @@ class Problem:
         return {"prompt": self.prompt, "answer": self.answer}
 
 
-def validate_task_config(cfg: TaskConfig) -> None:
-    if len(cfg.operand_counts) != len(cfg.operand_probs) or not cfg.operand_counts:
-        raise ValueError("task.operand_counts and task.operand_probs must be non-empty and of equal length")
-    if any(c < 2 for c in cfg.operand_counts):
-        raise ValueError(f"task.operand_counts must all be >= 2, got {cfg.operand_counts}")
-    if any(p < 0 for p in cfg.operand_probs) or sum(cfg.operand_probs) <= 0:
-        raise ValueError(f"task.operand_probs must be non-negative with a positive sum, got {cfg.operand_probs}")
-    if cfg.max_value < 1:
-        raise ValueError(f"task.max_value must be >= 1, got {cfg.max_value}")
-    if cfg.num_test < 0:
-        raise ValueError(f"task.num_test must be >= 0, got {cfg.num_test}")
+def max_prompt_tokens(cfg: TaskConfig) -> int:
+    """Upper bound on prompt length in characters (= tokens): "Q:", the operands and operators, "="."""
+    n = max(cfg.operand_counts)
+    return 2 + n * len(str(cfg.max_value)) + (n - 1) + 1
 
 
 def max_response_tokens(cfg: TaskConfig) -> int:
@@ -80,7 +74,6 @@ def sample_problem(rng: random.Random, cfg: TaskConfig) -> Problem:
 
 def test_problems(cfg: TaskConfig) -> list[Problem]:
     """The fixed test split: ``num_test`` unique prompts drawn from ``test_seed`` (in draw order)."""
-    validate_task_config(cfg)
     rng = random.Random(cfg.test_seed)
     seen: set[str] = set()
     out: list[Problem] = []
@@ -88,7 +81,7 @@ def test_problems(cfg: TaskConfig) -> list[Problem]:
     while len(out) < cfg.num_test:
         attempts += 1
         if attempts > 100 * cfg.num_test + 1000:
-            raise ValueError(f"task.num_test={cfg.num_test} unique prompts cannot be drawn with "
+            raise ConfigError(f"task.num_test={cfg.num_test} unique prompts cannot be drawn with "
                              f"max_value={cfg.max_value}; lower num_test")
         p = sample_problem(rng, cfg)
         if p.prompt not in seen:
@@ -108,7 +101,6 @@ class TrainStream:
     """
 
     def __init__(self, cfg: TaskConfig, start: int = 0, exclude: Sequence[Problem] | None = None):
-        validate_task_config(cfg)
         self.cfg = cfg
         self._rng = random.Random(cfg.train_seed)
         tests = test_problems(cfg) if exclude is None else exclude
@@ -123,7 +115,7 @@ class TrainStream:
             if p.prompt not in self._exclude:
                 self.position += 1
                 return p
-        raise ValueError("the test split covers (almost) every prompt this task can produce: lower "
+        raise ConfigError("the test split covers (almost) every prompt this task can produce: lower "
                          "task.num_test or raise task.max_value")
 
     def take(self, n: int) -> list[Problem]:

@@ -1,12 +1,12 @@
-"""The estimator seam: a registry of pure loss functions and what each one needs fetched."""
+"""The estimator seam: a pure loss function and what it needs fetched (asyncopd.estimators.registry lists them)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from asyncopd.estimators.batch import EstimatorBatch
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
 
 LossFn = Callable[[torch.Tensor, EstimatorBatch, EstimatorConfig], tuple[torch.Tensor, dict[str, float]]]
 
@@ -45,21 +45,3 @@ class Estimator:
     loss: LossFn  # (student logits [B, T, V] at response positions, batch, cfg) -> (loss, metrics)
     requirements: Callable[[EstimatorConfig], Requirements]
 
-
-_REGISTRY: dict[str, Estimator] = {}
-
-
-def register(estimator: Estimator) -> Estimator:
-    _REGISTRY[estimator.name] = estimator
-    return estimator
-
-
-def build(cfg: EstimatorConfig) -> Estimator:
-    """Look an estimator up by `estimator.name`, with a clear error listing the choices."""
-    import asyncopd.estimators.family  # noqa: F401  (registers every estimator)
-
-    if cfg.name not in _REGISTRY:
-        raise ValueError(
-            f"estimator.name={cfg.name!r} is not a known estimator; choose one of {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[cfg.name]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncopd.estimators.batch import EstimatorBatch
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
 from asyncopd.estimators.logsoftmax import TokenLogprobs, real_rows, token_logprobs
 
 LOG_RATIO_CLAMP = 20.0  # |log pi_theta - log pi_old| is clamped here before exponentiating a ratio

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from asyncopd.estimators.base import Estimator, Requirements, register
-from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
+from asyncopd.estimators.base import Estimator, Requirements
 from asyncopd.estimators.common import Tokens, check_common, metrics
-from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.estimators.topk import check_topk, generalized_jsd, outcomes
 
 NAME = "gkd"
@@ -39,4 +39,4 @@ def loss(logits: torch.Tensor, batch: EstimatorBatch, cfg: EstimatorConfig):
                           student_topk_mass=out.student_topk_mass)
 
 
-register(Estimator(NAME, loss, requirements))
+ESTIMATOR = Estimator(NAME, loss, requirements)

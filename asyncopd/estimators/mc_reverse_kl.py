@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from asyncopd.estimators.base import Estimator, Requirements, register
-from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
+from asyncopd.estimators.base import Estimator, Requirements
 from asyncopd.estimators.common import Tokens, check_common, first_columns, log_ratio, metrics, need
-from asyncopd.estimators.config import EstimatorConfig
 
 NAME = "mc_rkl"
 
@@ -58,4 +58,4 @@ def _distinct(ids: torch.Tensor) -> torch.Tensor:
     return 1.0 + (s[:, 1:] != s[:, :-1]).float().sum(dim=-1)
 
 
-register(Estimator(NAME, loss, requirements))
+ESTIMATOR = Estimator(NAME, loss, requirements)

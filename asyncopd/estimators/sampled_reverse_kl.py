@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncopd.estimators.base import Estimator, Requirements, register
-from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
+from asyncopd.estimators.base import Estimator, Requirements
 from asyncopd.estimators.common import Tokens, check_common, log_ratio, metrics
-from asyncopd.estimators.config import EstimatorConfig
 
 NAME = "sampled_rkl"
 
@@ -71,4 +71,4 @@ def loss(logits: torch.Tensor, batch: EstimatorBatch, cfg: EstimatorConfig):
                           ratio_max=float(r.max()) if r.numel() else 0.0)
 
 
-register(Estimator(NAME, loss, requirements))
+ESTIMATOR = Estimator(NAME, loss, requirements)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from asyncopd.estimators.base import Estimator, Requirements, register
-from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
+from asyncopd.estimators.base import Estimator, Requirements
 from asyncopd.estimators.common import Tokens, check_common, first_columns, metrics, need
-from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.estimators.topk import kl_terms
 
 NAME = "sparse_rkl"
@@ -64,4 +64,4 @@ def loss(logits: torch.Tensor, batch: EstimatorBatch, cfg: EstimatorConfig):
                           teacher_support_mass=torch.exp(t_lp.float()).sum(dim=-1))
 
 
-register(Estimator(NAME, loss, requirements))
+ESTIMATOR = Estimator(NAME, loss, requirements)

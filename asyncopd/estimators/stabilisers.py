@@ -22,10 +22,10 @@ import math
 
 import torch
 
-from asyncopd.estimators.base import Estimator, Requirements, register
-from asyncopd.estimators.batch import EstimatorBatch
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.core.types import EstimatorBatch
+from asyncopd.estimators.base import Estimator, Requirements
 from asyncopd.estimators.common import check_common, log_ratio, metrics, need, positive
-from asyncopd.estimators.config import EstimatorConfig
 from asyncopd.estimators.sampled_reverse_kl import Signal, signal
 
 CAP_MODES = ("mask", "clip")
@@ -147,7 +147,7 @@ def m2po_loss(logits: torch.Tensor, batch: EstimatorBatch, cfg: EstimatorConfig)
                    harmful_frac=harmful.float(), tau=tau if math.isfinite(tau) else -1.0)
 
 
-register(Estimator("ppo_clip", ppo_loss, ppo_requirements))
-register(Estimator("tis", tis_loss, tis_requirements))
-register(Estimator("decoupled_ppo", decoupled_loss, decoupled_requirements))
-register(Estimator("m2po", m2po_loss, m2po_requirements))
+PPO_CLIP = Estimator("ppo_clip", ppo_loss, ppo_requirements)
+TIS = Estimator("tis", tis_loss, tis_requirements)
+DECOUPLED_PPO = Estimator("decoupled_ppo", decoupled_loss, decoupled_requirements)
+M2PO = Estimator("m2po", m2po_loss, m2po_requirements)

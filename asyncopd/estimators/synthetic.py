@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from asyncopd.core.types import EstimatorBatch
 from asyncopd.estimators.base import Requirements
-from asyncopd.estimators.batch import EstimatorBatch
 
 
 def _shared(x: torch.Tensor) -> torch.Tensor:

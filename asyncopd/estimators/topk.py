@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from asyncopd.config.schema import EstimatorConfig
 from asyncopd.estimators.common import Tokens, first_columns, log1mexp, need, weighted
-from asyncopd.estimators.config import EstimatorConfig
 
 
 def check_topk(cfg: EstimatorConfig) -> None:

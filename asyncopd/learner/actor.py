@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from asyncopd.config.schema import Config
-from asyncopd.learner.build import build_learner
-from asyncopd.learner.collate import LearnerBatch
+from asyncopd.core.types import LearnerBatch, StepResult
+from asyncopd.learner.backends import build_trainer
 from asyncopd.weights.broadcast import bucket_request, send_bucket
 from asyncopd.weights.process_group import find_free_port, init_weights_group
 
@@ -28,7 +28,7 @@ class LearnerActor:
         self.rank = rank
         self.world_size = world_size
         self.group = None
-        self.learner = build_learner(cfg, model_path) if world_size == 1 else None
+        self.trainer = build_trainer(cfg, model_path) if world_size == 1 else None
 
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a port free on it): where the ranks' default process group meets (asked of rank 0)."""
@@ -36,24 +36,24 @@ class LearnerActor:
         return host, find_free_port(host)
 
     def start(self, master_address: str, master_port: int) -> None:
-        """Join the learners' default process group (every rank at once), then build this rank's learner."""
-        if self.learner is not None:
+        """Join the learners' default process group (every rank at once), then build this rank's trainer."""
+        if self.trainer is not None:
             raise RuntimeError("this learner rank is already started")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}", rank=self.rank,
                                 world_size=self.world_size)
-        self.learner = build_learner(self.cfg, self.model_path)
+        self.trainer = build_trainer(self.cfg, self.model_path)
 
     def version(self) -> int:
-        return self.learner.version
+        return self.trainer.version
 
-    def train_step(self, batch: LearnerBatch) -> dict[str, float]:
-        return self.learner.train_step(batch)
+    def train_step(self, batch: LearnerBatch) -> StepResult:
+        return self.trainer.train_step(batch)
 
     def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
         """The /update_weights_from_distributed payload of every bucket, in send order. Collective."""
         return [bucket_request(bucket, group_name=group_name)
-                for bucket in self.learner.named_weights_for_rollout(bucket_bytes)]
+                for bucket in self.trainer.named_weights_for_rollout(bucket_bytes)]
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int,
                           group_name: str, backend: str, timeout_s: float) -> None:
@@ -68,14 +68,14 @@ class LearnerActor:
         if self.rank == 0 and self.group is None:
             raise RuntimeError("broadcast_weights before init_weight_group: the weight-sync group does not exist")
         t0 = time.perf_counter()
-        for bucket in self.learner.named_weights_for_rollout(bucket_bytes):
+        for bucket in self.trainer.named_weights_for_rollout(bucket_bytes):
             if self.rank == 0:
                 send_bucket(self.group, [t for _, t in bucket])
         return time.perf_counter() - t0
 
     def save(self, path: str) -> None:
-        self.learner.save(path)
+        self.trainer.save(path)
 
     def load(self, path: str) -> int:
-        self.learner.load(path)
-        return self.learner.version
+        self.trainer.load(path)
+        return self.trainer.version

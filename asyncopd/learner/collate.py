@@ -1,22 +1,9 @@
 """Turn (Rollout, TeacherScores) pairs into padded learner tensors, and pick logits at response positions."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from asyncopd.estimators.batch import EstimatorBatch
-from asyncopd.rollout.types import Rollout
-from asyncopd.teacher.types import TeacherScores
-
-
-@dataclass
-class LearnerBatch:
-    input_ids: torch.Tensor  # long [B, L]: prompt + response, right-padded
-    attention_mask: torch.Tensor  # long [B, L]
-    response_index: torch.Tensor  # long [B, T]: position whose logits predict response token t (P + t - 1)
-    est: EstimatorBatch
-    versions: list[int]  # version_start of every sample, for the staleness check
+from asyncopd.core.types import EstimatorBatch, LearnerBatch, Rollout, TeacherScores
 
 
 def _pad(

@@ -11,21 +11,26 @@ from typing import Any
 
 import ray
 
-from asyncopd.config.schema import Config
-from asyncopd.config.validate import ConfigError
+from asyncopd.config.schema import Config, LearnerConfig
+from asyncopd.core.errors import ConfigError
+from asyncopd.core.types import LearnerBatch, StepResult
 from asyncopd.learner.actor import LearnerActor
-from asyncopd.learner.collate import LearnerBatch
-from asyncopd.learner.config import LearnerConfig
+from asyncopd.learner.backends import LEARNER_BACKENDS, learner_backend
 
 
 def learner_ranks(cfg: LearnerConfig) -> int:
-    """How many processes the learner needs: tp * pp for megatron, 1 for the torch learner."""
+    """How many processes the learner needs: tp * pp, within what `learner.backend` implements."""
+    backend = learner_backend(cfg.backend)
     if cfg.tp < 1 or cfg.pp < 1:
         raise ConfigError(f"learner.tp={cfg.tp} and learner.pp={cfg.pp} must both be >= 1")
-    if cfg.backend != "megatron" and cfg.tp * cfg.pp != 1:
-        raise ConfigError(f"learner.tp={cfg.tp}, learner.pp={cfg.pp} with learner.backend={cfg.backend!r}: only "
-                          "the megatron learner is parallel; set learner.backend=megatron, or learner.tp=1 "
-                          "learner.pp=1")
+    if backend.max_tp is not None and cfg.tp > backend.max_tp:
+        fits = [b.name for b in LEARNER_BACKENDS.values() if b.max_tp is None or cfg.tp <= b.max_tp]
+        fix = "".join(f"learner.backend={name}, or " for name in fits)
+        raise ConfigError(f"learner.tp={cfg.tp} with learner.backend={cfg.backend}: that learner runs at most "
+                          f"tp={backend.max_tp}; set {fix}learner.tp={backend.max_tp}")
+    if cfg.pp > backend.max_pp:
+        raise ConfigError(f"learner.pp={cfg.pp} with learner.backend={cfg.backend}: that learner implements "
+                          f"{backend.max_pp} pipeline stage(s); set learner.pp={backend.max_pp}")
     return cfg.tp * cfg.pp
 
 
@@ -48,7 +53,7 @@ class LearnerGroup:
 
     @classmethod
     def launch(cls, cfg: Config, model_path: str) -> "LearnerGroup":
-        """Start the ranks and wait until every one has built its learner (errors surface here)."""
+        """Start the ranks and wait until every one has built its trainer (errors surface here)."""
         world = learner_ranks(cfg.learner)
         rank_actor = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus_per_rank)
         actors = [rank_actor.remote(cfg, model_path, rank, world) for rank in range(world)]
@@ -80,7 +85,7 @@ class LearnerGroup:
     def version(self) -> int:
         return self._rank0("version")
 
-    def train_step(self, batch: LearnerBatch) -> dict[str, float]:
+    def train_step(self, batch: LearnerBatch) -> StepResult:
         """One optimizer step on every rank with the same batch (sent to the object store once)."""
         return self._all("train_step", ray.put(batch))
 

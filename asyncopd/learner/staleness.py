@@ -2,9 +2,7 @@
 
 from collections import Counter
 
-
-class StalenessViolation(RuntimeError):
-    pass
+from asyncopd.core.errors import StalenessViolation
 
 
 def check_staleness(step: int, versions: list[int], max_staleness: int) -> Counter:

@@ -11,16 +11,11 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from asyncopd.config.schema import ModelSpec
 from asyncopd.data.tokenizer import CharTokenizer
-from asyncopd.model.config import ModelSpec
 
 
 def qwen2_config(spec: ModelSpec, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen2Config:
-    if spec.hidden_size % spec.num_heads:
-        raise ValueError(f"ModelSpec.hidden_size={spec.hidden_size} must be divisible by num_heads={spec.num_heads}")
-    if spec.num_heads % spec.num_kv_heads:
-        raise ValueError(f"ModelSpec.num_heads={spec.num_heads} must be divisible by "
-                         f"num_kv_heads={spec.num_kv_heads}")
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=spec.hidden_size,
@@ -29,7 +24,7 @@ def qwen2_config(spec: ModelSpec, vocab_size: int, pad_token_id: int, eos_token_
         num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
+        tie_word_embeddings=spec.tie_embeddings,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=None,

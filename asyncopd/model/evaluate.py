@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from asyncopd.config.schema import PrepareConfig, RolloutConfig
 from asyncopd.data.task import Problem, verify
 from asyncopd.data.tokenizer import CharTokenizer
 
@@ -51,7 +52,8 @@ class GreedyEval:
 
 
 def greedy_eval(model: torch.nn.Module, problems: Sequence[Problem], tokenizer: CharTokenizer, *,
-                batch_size: int = 250, max_new_tokens: int = 48) -> GreedyEval:
+                batch_size: int = PrepareConfig.eval_batch_size,
+                max_new_tokens: int = RolloutConfig.max_new_tokens) -> GreedyEval:
     """Greedy accuracy of a Hugging Face causal LM (KV-cache sampler, temperature 0) with its margins."""
     from asyncopd.model.sampler import KVCacheSampler
 
@@ -70,7 +72,8 @@ def greedy_eval(model: torch.nn.Module, problems: Sequence[Problem], tokenizer: 
 
 
 def greedy_accuracy(model_or_fn: torch.nn.Module | GenerateFn, problems: Sequence[Problem],
-                    tokenizer: CharTokenizer, *, batch_size: int = 250, max_new_tokens: int = 48) -> float:
+                    tokenizer: CharTokenizer, *, batch_size: int = PrepareConfig.eval_batch_size,
+                    max_new_tokens: int = RolloutConfig.max_new_tokens) -> float:
     """Greedy exact-match accuracy over ``problems``.
 
     ``model_or_fn`` is a Hugging Face causal LM (see ``greedy_eval``) or a function mapping a batch of prompt

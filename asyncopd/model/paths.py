@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncopd.model.config import ModelConfig
+from asyncopd.config.schema import ModelConfig
 
 
 @dataclass(frozen=True)

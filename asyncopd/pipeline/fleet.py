@@ -7,18 +7,21 @@ from pathlib import Path
 import ray
 
 from asyncopd.config.schema import Config
+from asyncopd.core.errors import ConfigError
+from asyncopd.core.protocols import TeacherService
+from asyncopd.core.types import Rollout
 from asyncopd.model.paths import ModelPaths
+from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.rollout.client import SGLangClient
-from asyncopd.rollout.types import Rollout
-from asyncopd.teacher.client import TeacherClient, make_teacher_client
+from asyncopd.teacher.backends import TEACHER_BACKENDS
 
 
-class VocabularyMismatch(ValueError):
-    pass
+class VocabularyMismatch(ConfigError):
+    """Teacher and student checkpoints with different tokenizers (a user error: exit 2)."""
 
 
 class Fleet:
-    def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherClient,
+    def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherService,
                  teacher_accuracy: float | None):
         self.cfg = cfg
         self.actors = actors
@@ -29,22 +32,17 @@ class Fleet:
 
     @classmethod
     def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
-        from asyncopd.rollout.actor import RolloutEngineActor
-        from asyncopd.rollout.sglang_launcher import SGLangServerActor
-        from asyncopd.teacher.actor import TeacherActor
-
-        EngineActor = SGLangServerActor if cfg.rollout.backend == "sglang" else RolloutEngineActor
-        TeacherHostActor = SGLangServerActor if cfg.teacher.backend == "sglang" else TeacherActor
-        engine_host = EngineActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine)
-        teacher_host = TeacherHostActor.options(num_cpus=0, num_gpus=cfg.teacher.gpus_per_replica)
+        rollout, teacher_backend = ROLLOUT_BACKENDS[cfg.rollout.backend], TEACHER_BACKENDS[cfg.teacher.backend]
+        engine_host = rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine)
+        teacher_host = teacher_backend.host().options(num_cpus=0, num_gpus=cfg.teacher.gpus_per_replica)
         engine_actors = [engine_host.remote(paths.student, cfg.rollout) for _ in range(cfg.rollout.num_engines)]
         teacher_actors = [teacher_host.remote(paths.teacher, cfg.teacher) for _ in range(cfg.teacher.replicas)]
         engine_urls = ray.get([a.start.remote() for a in engine_actors])
         teacher_urls = ray.get([a.start.remote() for a in teacher_actors])
         engines = [SGLangClient(u, api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.request_timeout_s)
                    for u in engine_urls]
-        teacher = make_teacher_client(cfg.teacher.backend, teacher_urls, api_key=cfg.teacher.api_key,
-                                      timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
+        teacher = teacher_backend.client(teacher_urls, api_key=cfg.teacher.api_key,
+                                         timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
         prepared = Path(cfg.model.artifacts_dir) / "prepare.json"
         accuracy = None
         if not cfg.model.teacher_path and prepared.exists():

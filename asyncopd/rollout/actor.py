@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ray
 
+from asyncopd.config.schema import RolloutConfig
 from asyncopd.net.actor import ServiceHost, set_threads
-from asyncopd.rollout.config import RolloutConfig
 
 
 class RolloutEngineHost(ServiceHost):

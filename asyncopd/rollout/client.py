@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from asyncopd.core.types import Rollout
 from asyncopd.net.client import HttpClient, ServerError
-from asyncopd.rollout.types import Rollout
 
 FINISH_REASONS = ("stop", "length", "abort")
 
+
+SGLANG_GROUP_NAME = "weight_update_group"  # SGLang's default group_name in its weight-update requests
 
 def parse_version(v: Any) -> int:
     """SGLang reports weight_version as a string; "default" (a server never updated) is version 0."""
@@ -124,14 +126,14 @@ class SGLangClient(HttpClient):
         return out
 
     def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
-                                  world_size: int, group_name: str = "weight_update_group",
+                                  world_size: int, group_name: str = SGLANG_GROUP_NAME,
                                   backend: str = "gloo") -> dict:
         return self._control("/init_weights_update_group", {
             "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
             "world_size": int(world_size), "group_name": group_name, "backend": backend})
 
     def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
-                                        shapes: Sequence[Sequence[int]], group_name: str = "weight_update_group",
+                                        shapes: Sequence[Sequence[int]], group_name: str = SGLANG_GROUP_NAME,
                                         flush_cache: bool = True, weight_version: str | int | None = None,
                                         load_format: str | None = None, commit: bool | None = None) -> dict:
         """Receive one bucket broadcast by rank 0 (call concurrently with the sender).
@@ -150,7 +152,7 @@ class SGLangClient(HttpClient):
             payload["commit"] = commit
         return self._control("/update_weights_from_distributed", payload)
 
-    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict:
+    def destroy_weights_update_group(self, group_name: str = SGLANG_GROUP_NAME) -> dict:
         return self._control("/destroy_weights_update_group", {"group_name": group_name})
 
     def flush_cache(self) -> dict:

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from asyncopd.config.schema import RolloutConfig
 from asyncopd.model.sampler import GenerationOutput, KVCacheSampler
+from asyncopd.model.scorer import score_sequences
 from asyncopd.net.server import ApiError, model_card
-from asyncopd.teacher.scorer import score_sequences
+from asyncopd.rollout.client import SGLANG_GROUP_NAME
 from asyncopd.weights.broadcast import recv_bucket, str_to_dtype
 from asyncopd.weights.process_group import check_group_args, destroy_weights_group, init_weights_group
 
@@ -81,7 +83,8 @@ def _parse_version(v, field: str = "weight_version") -> int:
 
 class RolloutEngine:
     def __init__(self, model, model_path: str = "", *, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, initial_version: int = 0, group_timeout_s: float = 120.0):
+                 pad_token_id: int | None = None, initial_version: int = 0,
+                 group_timeout_s: float = RolloutConfig.group_timeout_s):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -404,7 +407,7 @@ class RolloutEngine:
         try:
             addr, port = req.get("master_address"), req.get("master_port")
             rank_offset, world = req.get("rank_offset"), req.get("world_size")
-            name, backend = req.get("group_name", "weight_update_group"), req.get("backend", "nccl")
+            name, backend = req.get("group_name", SGLANG_GROUP_NAME), req.get("backend", "nccl")
             if not _is_int(rank_offset) or rank_offset < 1:
                 raise ValueError(f"rank_offset must be an int >= 1 (rank 0 is the learner), got {rank_offset!r}")
             check_group_args(addr, port, world, rank_offset, name, backend)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import ray
 
+from asyncopd.config.schema import RolloutConfig, TeacherConfig
 from asyncopd.net.actor import public_url
 from asyncopd.net.client import ServerError
 from asyncopd.net.server import check_bind
 from asyncopd.rollout.client import SGLangClient
-from asyncopd.rollout.config import RolloutConfig
-from asyncopd.teacher.config import TeacherConfig
 from asyncopd.weights.process_group import find_free_port
 
 MISSING = "rollout.backend=sglang needs `pip install .[gpu]` (sglang not importable)"

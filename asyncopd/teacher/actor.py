@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ray
 
+from asyncopd.config.schema import TeacherConfig
 from asyncopd.net.actor import ServiceHost, set_threads
-from asyncopd.teacher.config import TeacherConfig
 
 
 class TeacherHost(ServiceHost):
@@ -13,12 +13,6 @@ class TeacherHost(ServiceHost):
 
     role = "teacher"
     cfg: TeacherConfig
-
-    def __init__(self, model_path: str, cfg: TeacherConfig):
-        if cfg.tp != 1:
-            raise ValueError(f"teacher.tp={cfg.tp}: the embedded teacher server runs one shard per replica; "
-                             "use teacher.tp=1 (scale with teacher.replicas) or teacher.backend=sglang")
-        super().__init__(model_path, cfg)
 
     def _launch(self):
         from asyncopd.model.build import load_model

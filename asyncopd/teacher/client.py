@@ -8,10 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from asyncopd.core.types import Rollout, TeacherScores
 from asyncopd.net.client import HttpClient, ServerError
-from asyncopd.rollout.types import Rollout
 from asyncopd.teacher import wire
-from asyncopd.teacher.types import TeacherScores
 
 
 def _split_balanced(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
@@ -210,11 +209,3 @@ def _query_ids(r: Rollout, with_queries: bool, with_student_topk: bool) -> np.nd
     cols += [r.student_topk_ids] if with_student_topk else []
     return np.concatenate([np.asarray(c, dtype=np.int32) for c in cols], axis=1)
 
-
-def make_teacher_client(backend: str, urls: Sequence[str] | str, api_key: str = "", timeout_s: float = 300.0,
-                        wire_dtype: str = "float32") -> TeacherClient:
-    """The client for teacher.backend: "embedded" (binary /score) or "sglang" (prefill /generate)."""
-    kinds = {"embedded": TeacherClient, "sglang": SGLangTeacherClient}
-    if backend not in kinds:
-        raise ValueError(f"teacher.backend must be one of {sorted(kinds)}, got {backend!r}")
-    return kinds[backend](urls, api_key, timeout_s, wire_dtype)

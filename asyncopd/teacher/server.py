@@ -17,9 +17,10 @@ import numpy as np
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from asyncopd.config.schema import TeacherConfig
+from asyncopd.model.scorer import score_sequences
 from asyncopd.net.server import ApiError, HttpService, check_bind, make_app, model_card
 from asyncopd.teacher import wire
-from asyncopd.teacher.scorer import score_sequences
 
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -39,7 +40,7 @@ def _int_array(arrays: dict, name: str, ndim: int, required: bool = True) -> np.
 
 class TeacherServer(HttpService):
     def __init__(self, model, model_path: str = "", *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str = "", max_tokens_per_forward: int = 32768):
+                 api_key: str = "", max_tokens_per_forward: int = TeacherConfig.max_tokens_per_forward):
         check_bind(host, api_key, "teacher")
         self.model = model.eval()
         self.card = model_card(model_path, model)

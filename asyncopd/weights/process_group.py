@@ -22,6 +22,8 @@ from torch.distributed.distributed_c10d import (
     rendezvous,
 )
 
+from asyncopd.config.schema import WeightSyncConfig
+
 BACKENDS = ("gloo", "nccl")
 
 
@@ -52,7 +54,7 @@ def check_group_args(master_address: str, master_port: int, world_size: int, ran
 
 
 def init_weights_group(master_address: str, master_port: int, world_size: int, rank: int, group_name: str,
-                       backend: str = "gloo", timeout_s: float = 120.0) -> dist.ProcessGroup:
+                       backend: str = "gloo", timeout_s: float = WeightSyncConfig.timeout_s) -> dist.ProcessGroup:
     """Join (rank > 0) or host (rank 0) the weight-sync group; returns once every rank has joined.
 
     All ranks must call this concurrently; it raises (after `timeout_s`) if some rank never comes.

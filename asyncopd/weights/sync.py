@@ -3,17 +3,16 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from asyncopd.rollout.client import SGLangClient
-from asyncopd.weights.config import WeightSyncConfig
+from asyncopd.config.schema import WeightSyncConfig
+from asyncopd.core.protocols import WeightSink, WeightSource
 from asyncopd.weights.process_group import find_free_port
-
-GROUP_NAME = "asyncopd_weights"
 
 
 class WeightSync:
     """Learner rank 0, engine i rank i + 1: one group, bucketed per-tensor broadcasts (SGLang's protocol)."""
 
-    def __init__(self, cfg: WeightSyncConfig, learner, engines: list[SGLangClient], pause_engines: bool = False):
+    def __init__(self, cfg: WeightSyncConfig, learner: WeightSource, engines: list[WeightSink],
+                 pause_engines: bool = False):
         self.cfg = cfg
         self.pause_engines = pause_engines  # stock SGLang loads each bucket at once: pause around the update
         self.learner = learner
@@ -28,20 +27,20 @@ class WeightSync:
         joined = [
             self.pool.submit(e.init_weights_update_group, master_address=self.cfg.master_addr,
                              master_port=port, rank_offset=i + 1, world_size=world,
-                             group_name=GROUP_NAME, backend=self.cfg.backend)
+                             group_name=self.cfg.group_name, backend=self.cfg.backend)
             for i, e in enumerate(self.engines)
         ]
-        self.learner.init_weight_group(self.cfg.master_addr, port, world, GROUP_NAME, self.cfg.backend,
+        self.learner.init_weight_group(self.cfg.master_addr, port, world, self.cfg.group_name, self.cfg.backend,
                                        self.cfg.timeout_s)
         for f in joined:
             f.result()
-        self.buckets = self.learner.weight_buckets(self.bucket_bytes, GROUP_NAME)
+        self.buckets = self.learner.weight_buckets(self.bucket_bytes, self.cfg.group_name)
 
     def sync(self, version: int) -> float:
         """Push the learner's current weights as `version`; returns seconds until every engine has them."""
         t0 = time.perf_counter()
 
-        def receive(engine: SGLangClient) -> None:
+        def receive(engine: WeightSink) -> None:
             """Stage every bucket, swap them all in with the last one: no decode step sees a mix."""
             if self.pause_engines:
                 engine.pause_generation()

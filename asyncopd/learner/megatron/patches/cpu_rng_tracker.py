@@ -28,7 +28,7 @@ def _tracker_class():
     base = getattr(mrandom, "_megatron_patches_original_tracker", mrandom.CudaRNGStatesTracker)
 
     class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
-        """CudaRNGStatesTracker with CPU generator states (megatron_patches.cpu_rng_tracker)."""
+        """CudaRNGStatesTracker with CPU generator states (asyncopd.learner.megatron.patches.cpu_rng_tracker)."""
 
         _megatron_patches = NAME
 

@@ -20,9 +20,9 @@ def check_megatron_version(strict: bool = True) -> str:
 
     version = getattr(megatron.core, "__version__", "unknown")
     if version != PINNED_VERSION:
-        msg = (f"megatron_patches are written for megatron-core=={PINNED_VERSION}, found {version}: "
+        msg = (f"the megatron patches are written for megatron-core=={PINNED_VERSION}, found {version}: "
                f"`pip install megatron-core=={PINNED_VERSION}` (pyproject pins it) or re-check every patch "
-               "in megatron_patches/ against the new source")
+               "in asyncopd/learner/megatron/patches/ against the new source")
         if strict:
             raise MegatronVersionError(msg)
         warnings.warn(msg, stacklevel=2)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from asyncopd.config.schema import TeacherConfig
+
 
 @dataclass
 class ScoreResult:
@@ -38,7 +40,8 @@ def _split_model(model):
 @torch.no_grad()
 def score_sequences(model, sequences: Sequence[Sequence[int] | np.ndarray], score_starts: Sequence[int],
                     top_k: int, query_ids: np.ndarray | None = None, *, temperature: float = 1.0,
-                    max_tokens_per_forward: int = 32768, positions_per_chunk: int = 4096) -> ScoreResult:
+                    max_tokens_per_forward: int = TeacherConfig.max_tokens_per_forward,
+                    positions_per_chunk: int = 4096) -> ScoreResult:
     """Score `sequences` (ids) from `score_starts[i]` on. `query_ids` is int [sumT, M] or None.
 
     Sequences are right-padded into micro-batches of at most `max_tokens_per_forward` padded tokens;

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from asyncopd.bench.table import format_table as table
-from asyncopd.estimators.base import build
-from asyncopd.estimators.config import EstimatorConfig
+from asyncopd.config.schema import EstimatorConfig
+from asyncopd.estimators.registry import build
 from asyncopd.estimators.synthetic import draw_batch
 
 
@@ -102,11 +102,10 @@ def synthetic_pair(positions: int, vocab: int, seed: int) -> tuple[torch.Tensor,
 
 def embedded_pair(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student logits at positions of the student's own sampled responses."""
-    from asyncopd.data.config import TaskConfig
+    from asyncopd.config.schema import ModelConfig, TaskConfig
     from asyncopd.data.task import TrainStream
     from asyncopd.data.tokenizer import CharTokenizer
     from asyncopd.model.build import load_model
-    from asyncopd.model.config import ModelConfig
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.model.sampler import KVCacheSampler
 

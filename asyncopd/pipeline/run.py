@@ -1,7 +1,7 @@
-"""The OPD run: start the fleet, teacher and learner as Ray actors, then drive the stage scheduler."""
+"""An OPD run around the loop: start Ray, the fleet, the teacher and the learner, resume, evaluate, summarise,
+and tear it all down. The loop itself (prompt -> gradient) is pipeline/loop.py."""
 
 import time
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -12,19 +12,19 @@ import ray
 from asyncopd.config.load import to_yaml
 from asyncopd.config.ray_cluster import start_ray
 from asyncopd.config.schema import Config
-from asyncopd.config.validate import check_runtime
-from asyncopd.data.task import TrainStream, test_problems
+from asyncopd.core.errors import ConfigError
+from asyncopd.core.protocols import LearnerHandle
+from asyncopd.data.task import test_problems
 from asyncopd.data.tokenizer import CharTokenizer
-from asyncopd.estimators.base import build as build_estimator
-from asyncopd.learner.collate import collate
 from asyncopd.learner.group import LearnerGroup
-from asyncopd.model.evaluate import greedy_accuracy, score_responses
+from asyncopd.model.evaluate import greedy_accuracy
 from asyncopd.model.paths import resolve_model_paths
 from asyncopd.pipeline.fleet import Fleet
+from asyncopd.pipeline.loop import OPDLoop, train
 from asyncopd.pipeline.run_logger import RunLogger
-from asyncopd.pipeline.scheduler import StageTimes, run_stages
-from asyncopd.rollout.types import Rollout
-from asyncopd.teacher.types import TeacherScores
+from asyncopd.pipeline.scheduler import StageTimes
+from asyncopd.rollout.backends import ROLLOUT_BACKENDS
+from asyncopd.validation.rules import validate
 from asyncopd.weights.sync import WeightSync
 
 
@@ -36,70 +36,6 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-class OPDStages:
-    """The real stage functions the scheduler drives: HTTP rollout, HTTP teacher, Ray learner + sync."""
-
-    def __init__(self, cfg: Config, fleet: Fleet, learner, sync: WeightSync, logger: RunLogger,
-                 tokenizer: CharTokenizer, start: int = 0):
-        self.cfg = cfg
-        self.fleet = fleet
-        self.learner = learner
-        self.sync = sync
-        self.logger = logger
-        self.tokenizer = tokenizer
-        # batch s gets problems [s*B, (s+1)*B): the same data in every mode, and after a resume
-        self.stream = TrainStream(cfg.task, start=start * cfg.pipeline.batch_size)
-        self.req = build_estimator(cfg.estimator).requirements(cfg.estimator)
-        self.history: list[dict[str, float]] = []
-        self.staleness: Counter = Counter()
-        self.started = time.perf_counter()
-        self.samples = 0
-        self.tokens = 0
-
-    def generate(self, s: int) -> list[Rollout]:
-        B = self.cfg.pipeline.batch_size
-        problems = self.stream.take(B)
-        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
-        # batch s samples with its own seed: a run is reproducible per batch, and pipeline.seed picks the run
-        rollouts = self.fleet.generate(prompts, mc_samples=self.req.mc_samples,
-                                       student_top_k=self.req.student_top_k,
-                                       seed=self.cfg.pipeline.seed * 2**32 + s * 64)
-        for i, (r, p) in enumerate(zip(rollouts, problems, strict=True)):
-            r.ticket = s * B + i
-            r.metadata["problem"] = p
-        return rollouts
-
-    def score(self, s: int, rollouts: list[Rollout]) -> list[tuple[Rollout, TeacherScores]]:
-        scores = self.fleet.teacher.score(rollouts, top_k=self.req.teacher_top_k,
-                                          with_queries=self.req.mc_samples > 0,
-                                          with_student_topk=self.req.teacher_scores_student_topk)
-        return list(zip(rollouts, scores, strict=True))
-
-    def learn(self, s: int, pairs: list[tuple[Rollout, TeacherScores]]) -> None:
-        rollouts = [r for r, _ in pairs]
-        batch = collate(pairs, pad_id=self.tokenizer.pad_token_id)
-        metrics = self.learner.train_step(batch)
-        metrics["weights/sync_s"] = self.sync.sync(version=s + 1)
-        lags = Counter({int(k.split("/")[1]): int(v) for k, v in metrics.items() if k.startswith("staleness/")})
-        self.staleness.update(lags)
-        self.samples += len(rollouts)
-        self.tokens += int(sum(r.num_tokens for r in rollouts))
-        elapsed = time.perf_counter() - self.started
-        metrics = {k: v for k, v in metrics.items() if not k.startswith("staleness/")}
-        metrics.update({
-            "rollout/response_len": float(np.mean([r.num_tokens for r in rollouts])),
-            "rollout/sample_accuracy": score_responses(
-                [r.metadata["problem"] for r in rollouts], [r.response_ids for r in rollouts], self.tokenizer),
-            "teacher/bytes_per_token": sum(sc.nbytes for _, sc in pairs) / max(batch.est.mask.sum().item(), 1),
-            "throughput/samples_per_s": self.samples / elapsed,
-            "throughput/tokens_per_s": self.tokens / elapsed,
-            "staleness/max": float(max(lags)),
-            "staleness/mean": float(sum(k * v for k, v in lags.items()) / max(sum(lags.values()), 1)),
-        })
-        self.history.append({"step": s, **metrics})
-        self.logger.step(s, metrics, lags)
-
-
 def evaluate_student(fleet: Fleet, tokenizer: CharTokenizer, problems) -> float:
     """Greedy test accuracy of whatever weights the rollout fleet holds now."""
 
@@ -109,7 +45,7 @@ def evaluate_student(fleet: Fleet, tokenizer: CharTokenizer, problems) -> float:
     return greedy_accuracy(generate, problems, tokenizer, batch_size=len(problems))
 
 
-def resume(cfg: Config, learner, sync: WeightSync) -> int:
+def resume(cfg: Config, learner: LearnerHandle, sync: WeightSync) -> int:
     """Load `run.resume_from` (weights, optimizer, version) and push it to the fleet; returns the version.
 
     The version is the staleness clock, so it must survive a resume: the next batch is `version`, its
@@ -118,7 +54,7 @@ def resume(cfg: Config, learner, sync: WeightSync) -> int:
         return 0
     version = learner.load(cfg.run.resume_from)
     if version >= cfg.pipeline.steps:
-        raise ValueError(f"run.resume_from={cfg.run.resume_from!r} is at version {version}, already >= "
+        raise ConfigError(f"run.resume_from={cfg.run.resume_from!r} is at version {version}, already >= "
                          f"pipeline.steps={cfg.pipeline.steps}: raise pipeline.steps to train further")
     sync.sync(version)
     return version
@@ -126,7 +62,7 @@ def resume(cfg: Config, learner, sync: WeightSync) -> int:
 
 def run_training(cfg: Config) -> dict:
     """The whole run; returns the summary (also written to run_dir/summary.json)."""
-    check_runtime(cfg)
+    validate(cfg, host=True)  # this machine can run it: modules, CUDA, checkpoints, before anything starts
     paths = resolve_model_paths(cfg.model)
     run_dir = make_run_dir(cfg)
     tokenizer = CharTokenizer.load(paths.tokenizer)
@@ -141,13 +77,14 @@ def run_training(cfg: Config) -> dict:
         fleet = Fleet.launch(cfg, paths)
         fleet.check_vocabularies()
         learner = learner_launch.result()
-        sync = WeightSync(cfg.weights, learner, fleet.engines, pause_engines=cfg.rollout.backend == "sglang")
+        sync = WeightSync(cfg.weights, learner, fleet.engines,
+                          pause_engines=ROLLOUT_BACKENDS[cfg.rollout.backend].pause_for_weight_update)
         sync.init_group()
         start = resume(cfg, learner, sync)
         problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
         acc0 = evaluate_student(fleet, tokenizer, problems)
         logger.scalars(start, {"eval/accuracy": acc0})
-        stages = OPDStages(cfg, fleet, learner, sync, logger, tokenizer, start)
+        loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, logger.step, start)
         evals = [(start, acc0)]
         eval_time = 0.0
         checkpoint = str(run_dir / "checkpoint")
@@ -167,12 +104,12 @@ def run_training(cfg: Config) -> dict:
             if cfg.run.save_every and step % cfg.run.save_every == 0:
                 learner.save(checkpoint)
 
-        times = run_stages(stages, cfg.pipeline.steps, cfg.pipeline.max_staleness, after_step, start)
+        times = train(loop, start, after_step)
         final = evaluate_student(fleet, tokenizer, problems)
         evals.append((cfg.pipeline.steps, final))
         logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
         learner.save(checkpoint)
-        summary = _summary(cfg, run_dir, times, eval_time, stages, evals, fleet.teacher_accuracy)
+        summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy)
         print(logger.summary(summary))
         return summary
     finally:
@@ -189,7 +126,7 @@ def run_training(cfg: Config) -> dict:
             ray.shutdown()
 
 
-def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, stages: OPDStages,
+def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, stages: OPDLoop,
              evals: list[tuple[int, float]], teacher_accuracy: float | None) -> dict:
     train_wall = times.wall_s - eval_time
     per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}

@@ -4,16 +4,16 @@
 patches touch private internals: see each module's docstring for why it exists) and is idempotent.
 With a GPU it does nothing: megatron-core's own CUDA code paths are used unchanged.
 
-    import megatron_patches
-    megatron_patches.apply()   # before building megatron models
+    from asyncopd.learner.megatron import patches
+    patches.apply()   # before building megatron models
 
-`megatron_patches.fp8` holds the FP8 switch (`fp8_context(cfg)`), which needs Transformer Engine.
+`patches.fp8` holds the FP8 switch (`fp8_context(cfg)`), which needs Transformer Engine.
 """
 
 import torch
 
-from megatron_patches import cpu_current_device, cpu_rng_tracker
-from megatron_patches._version import PINNED_VERSION, MegatronVersionError, check_megatron_version
+from asyncopd.learner.megatron.patches import cpu_current_device, cpu_rng_tracker
+from asyncopd.learner.megatron.patches._version import PINNED_VERSION, MegatronVersionError, check_megatron_version
 
 PATCHES = (cpu_current_device, cpu_rng_tracker)
 

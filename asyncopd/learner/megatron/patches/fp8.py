@@ -3,7 +3,7 @@
 FP8 GEMMs only exist in Transformer Engine's layers (the megatron learner then builds the TE layer spec);
 megatron-core's local layers ignore fp8_autocast. `fp8_recipe_kwargs` is the pure config -> recipe mapping
 (tested without TE); `fp8_context` builds the recipe and the autocast, and fails early with a clear message
-when TE is missing. `cfg` is anything with the learner.fp8* fields (asyncopd.learner.config.LearnerConfig).
+when TE is missing. `cfg` is anything with the learner.fp8* fields (asyncopd.config.schema.LearnerConfig).
 """
 
 import contextlib

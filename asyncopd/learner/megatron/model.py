@@ -1,36 +1,36 @@
-"""The megatron-core learner: the student as a GPTModel (tensor parallel), behind the Learner protocol.
+"""The megatron learner backend: the student as a megatron-core GPTModel, tensor parallel, one process per TP rank.
 
-One process per TP rank; every rank runs the same train_step on the same batch (asyncopd.learner.group feeds
-them all), so the loss, the logits and the replicated weights agree on every rank. It reuses
-TorchLearner.train_step (prox recompute, estimator, AdamW step) and overrides its hooks: the model, the forward,
-the batch's device, the gradient-norm clip (global across TP ranks), the weight export (gathered, Hugging Face
-names) and checkpointing.
-On CPU (no CUDA) megatron_patches makes megatron-core run with gloo; with a GPU the model and the batch live on
-the local CUDA device and the default process group is NCCL.
+Every rank runs the same Trainer.train_step on the same batch (asyncopd.learner.group feeds them all), so the
+loss, the logits and the replicated weights agree on every rank; this backend gives the trainer the sharded
+model, a gradient-norm clip reduced across TP ranks, the weight export (gathered, under Hugging Face names) and
+per-rank checkpoints. On CPU (no CUDA) `patches` makes megatron-core run with gloo; with a GPU the model and the
+batch live on the local CUDA device and the default process group is NCCL.
 """
 
 import dataclasses
 import datetime
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-import megatron_patches
-from asyncopd.learner.collate import LearnerBatch
-from asyncopd.learner.megatron_convert import (
+from asyncopd.config.schema import LearnerConfig
+from asyncopd.core.errors import ConfigError
+from asyncopd.core.types import LearnerBatch
+from asyncopd.learner.megatron import patches
+from asyncopd.learner.megatron.convert import (
     HF_WEIGHTS,
     Qwen2Layout,
     gather_hf_weights,
     hf_tensor_loader,
     load_hf_into_megatron,
 )
-from asyncopd.learner.torch_learner import TorchLearner
+from asyncopd.learner.megatron.patches.fp8 import fp8_context, require_transformer_engine
+from asyncopd.learner.trainer import Weights
 from asyncopd.weights.process_group import find_free_port
-from megatron_patches.fp8 import fp8_context, require_transformer_engine
 
-_STATE_FILE = "learner_state.rank{rank}.pt"
+STATE_FILE = "learner_state.rank{rank}.pt"
 
 
 def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
@@ -39,9 +39,10 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
     Returns True when it started the default process group itself (tp=1, single process)."""
     from megatron.core import parallel_state, tensor_parallel
 
-    megatron_patches.apply()
+    patches.apply()
     if pp != 1:
-        raise NotImplementedError(f"learner.pp={pp}: the megatron learner supports pipeline parallel size 1 only")
+        raise ConfigError(f"learner.pp={pp}: the megatron learner implements one pipeline stage only; set "
+                          "learner.pp=1 (learner.tp shards the model across ranks)")
     created = not dist.is_initialized()
     if created:
         if tp != 1:
@@ -130,19 +131,18 @@ def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
     return total
 
 
-class MegatronLearner(TorchLearner):
-    """TorchLearner with a tensor-parallel GPTModel; one instance per TP rank, all fed the same batches."""
+class MegatronBackend:
+    """This TP rank's shard of a GPTModel converted from a Hugging Face Qwen2 checkpoint."""
 
-    # ---- model ----------------------------------------------------------------------------------------------
-    def _build_model(self, model_path: str) -> torch.nn.Module:
+    def __init__(self, cfg: LearnerConfig, model_path: str):
         import transformers
         from megatron.core import parallel_state
 
-        cfg = self.cfg
         require_transformer_engine(cfg)  # fail before any process group or model is built
         if not (Path(model_path) / "config.json").exists():
             raise FileNotFoundError(f"{model_path}: no config.json; not a Hugging Face checkpoint "
                                     "(run `asyncopd prepare` first)")
+        self.cfg = cfg
         self._owns_process_group = init_parallel(cfg.tp, cfg.pp, cfg.seed)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -150,24 +150,11 @@ class MegatronLearner(TorchLearner):
             else torch.device("cpu")
         self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
         self.layout = Qwen2Layout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
-        model = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
-        load_hf_into_megatron(model, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
-        model.train()
-        return model
+        self.module = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
+        load_hf_into_megatron(self.module, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
+        self.module.train()
 
-    def _forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L, V] full-vocabulary logits (gathered across TP, vocab padding dropped) / temperature.
-
-        `batch` is on this rank's device already (train_step calls `_to_device` first)."""
-        input_ids = batch.input_ids
-        # right padding: real tokens sit at 0..n-1, so plain positions match HF's
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
-        with fp8_context(self.cfg):
-            logits = self.model(input_ids=input_ids, position_ids=position_ids,
-                                attention_mask=attention_mask_for(batch.attention_mask))
-        return logits[..., : self.layout.vocab].float() / self.temperature
-
-    def _to_device(self, batch: LearnerBatch) -> LearnerBatch:
+    def to_device(self, batch: LearnerBatch) -> LearnerBatch:
         """Every tensor of the batch on this rank's device (the local GPU; a no-op on CPU)."""
         if self.device.type == "cpu":
             return batch
@@ -178,26 +165,25 @@ class MegatronLearner(TorchLearner):
                                    attention_mask=batch.attention_mask.to(self.device),
                                    response_index=batch.response_index.to(self.device), est=est)
 
-    def _clip_grad_norm(self) -> float:
+    def forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
+        """[B, L, V] full-vocabulary logits (gathered across TP, vocabulary padding dropped)."""
+        input_ids = batch.input_ids
+        # right padding: real tokens sit at 0..n-1, so plain positions match HF's
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        with fp8_context(self.cfg):
+            logits = self.module(input_ids=input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask_for(batch.attention_mask))
+        return logits[..., : self.layout.vocab].float()
+
+    def clip_grad_norm(self, max_norm: float) -> float:
         """The global norm over the full model (TP shards reduced across ranks), identical on every rank."""
-        return float(clip_grad_norm_tp(list(self.model.parameters()), self.cfg.grad_clip, self.tp_group))
+        return float(clip_grad_norm_tp(list(self.module.parameters()), max_norm, self.tp_group))
 
-    def close(self) -> None:
-        """Tear down megatron's parallel state, and the process group if this learner started it."""
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_process_group = False
-
-    # ---- weights out ----------------------------------------------------------------------------------------
-    def named_weights_for_rollout(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full weights under HF names, bucketed like the base. Collective: every TP rank must consume it."""
+    def named_weights_for_rollout(self, bucket_bytes: int) -> Weights:
+        """Full weights under HF names, gathered across TP. Collective: every TP rank must consume it."""
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        for name, tensor in gather_hf_weights(self.model, self.tp_group, self.layout):
+        for name, tensor in gather_hf_weights(self.module, self.tp_group, self.layout):
             if bucket and size + tensor.nbytes > bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
@@ -206,29 +192,37 @@ class MegatronLearner(TorchLearner):
         if bucket:
             yield bucket
 
-    def save(self, path: str) -> None:
-        """HF checkpoint (rank 0: config.json + model.safetensors) + per-rank optimizer state. Collective."""
+    def save(self, path: str, state: dict[str, Any]) -> None:
+        """HF checkpoint (rank 0: config.json + model.safetensors) + this rank's optimizer state. Collective."""
         from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        weights = {name: t.detach().cpu().clone() for name, t in gather_hf_weights(self.model, self.tp_group,
-                                                                                      self.layout)}
+        weights = {name: t.detach().cpu().clone()
+                   for name, t in gather_hf_weights(self.module, self.tp_group, self.layout)}
         if dist.get_rank() == 0:
             self.hf_config.save_pretrained(out)
             save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
-        torch.save({"version": self.version, "tp": self.cfg.tp, "optimizer": self.optimizer.state_dict()},
-                   out / _STATE_FILE.format(rank=self.tp_rank))
+        torch.save({**state, "tp": self.cfg.tp}, out / STATE_FILE.format(rank=self.tp_rank))
         dist.barrier()
 
-    def load(self, path: str) -> None:
-        """Resume weights, optimizer (this rank's shard) and version."""
-        state_file = Path(path) / _STATE_FILE.format(rank=self.tp_rank)
+    def load(self, path: str) -> dict[str, Any]:
+        """The weights from the HF checkpoint; the state from this rank's shard, saved at the same tp."""
+        state_file = Path(path) / STATE_FILE.format(rank=self.tp_rank)
         if not state_file.exists():
             raise FileNotFoundError(f"{path} is not a megatron learner checkpoint: {state_file.name} is missing")
         state = torch.load(state_file, weights_only=False, map_location=self.device)
         if state.get("tp") != self.cfg.tp:
             raise ValueError(f"{path} was saved with learner.tp={state.get('tp')}, this learner has tp={self.cfg.tp}")
-        load_hf_into_megatron(self.model, hf_tensor_loader(path), self.layout, self.tp_rank, self.cfg.tp)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = int(state["version"])
+        load_hf_into_megatron(self.module, hf_tensor_loader(path), self.layout, self.tp_rank, self.cfg.tp)
+        return state
+
+    def close(self) -> None:
+        """Tear down megatron's parallel state, and the process group if this backend started it."""
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False

@@ -1,0 +1,1 @@
+"""Contracts at the bottom of the package: types, errors and the handles every role imports."""

@@ -1,0 +1,153 @@
+"""Will it fit? Each role's parallel layout, GPUs and per-GPU memory, from the config alone.
+
+A role's model shape comes from its checkpoint's config.json when the checkpoint is on this machine, else from
+the config's `model.student` / `model.teacher` spec (configs/model/*.yaml declare the shapes of the models they
+name). The arithmetic and its formulas are `asyncopd.config.resources`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asyncopd.config.resources import (
+    Arch,
+    MemoryEstimate,
+    check_layout,
+    engine_memory,
+    learner_memory,
+)
+from asyncopd.config.schema import Config, ModelSpec
+from asyncopd.data.task import max_prompt_tokens
+from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.learner.backends import LEARNER_BACKENDS
+
+GIB = 2**30
+_QKV_BIAS = {"qwen2"}  # families whose q/k/v projections have a bias
+_QK_NORM = {"qwen3", "qwen3_moe"}  # families with per-head RMSNorm on q and k
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    role: str  # learner | rollout | teacher
+    backend: str
+    layout: str  # e.g. "tp=8 pp=4 dp=1" or "8 engines x tp=4"
+    gpus: float  # GPUs the role asks Ray for, in all
+    source: str  # where the model shape came from
+    memory: MemoryEstimate
+    kv_sequences: int = 0  # engines: the full-length sequences its KV cache column holds
+
+
+@dataclass
+class Plan:
+    roles: list[RolePlan]
+    gpus_available: int  # cluster.nodes * cluster.gpus_per_node (0: a CPU machine)
+    seq_len: int  # longest prompt + rollout.max_new_tokens
+    problems: list = field(default_factory=list)  # LayoutProblem-likes: .field, .message
+
+
+def _arch(spec: ModelSpec, path: str) -> tuple[Arch, str, str]:
+    """The shape, source and family of the model at `path` (its config.json) or, when it is not here, of the
+    config's spec."""
+    cfg_file = Path(path) / "config.json" if path else None
+    if cfg_file is not None and cfg_file.exists():
+        c = json.loads(cfg_file.read_text())
+        family = c.get("model_type", "")
+        heads = c["num_attention_heads"]
+        arch = Arch(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_heads=heads,
+                    num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
+                    vocab_size=c["vocab_size"], head_dim=c.get("head_dim") or 0,
+                    tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=family in _QKV_BIAS,
+                    qk_norm=family in _QK_NORM, num_experts=c.get("num_experts") or 0,
+                    moe_intermediate_size=c.get("moe_intermediate_size") or 0)
+        return arch, str(cfg_file), family
+    vocab = spec.vocab_size or CharTokenizer().vocab_size
+    arch = Arch(num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+                num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, vocab_size=vocab,
+                head_dim=spec.head_dim, tie_embeddings=spec.tie_embeddings, qkv_bias=spec.family in _QKV_BIAS,
+                qk_norm=spec.family in _QK_NORM, num_experts=spec.num_experts,
+                moe_intermediate_size=spec.moe_intermediate_size)
+    return arch, "config spec", spec.family
+
+
+def plan(cfg: Config) -> Plan:
+    """Every role's layout, GPU count and per-GPU memory, and the problems they show."""
+    m, r, t, lr, c = cfg.model, cfg.rollout, cfg.teacher, cfg.learner, cfg.cluster
+    student, s_src, s_family = _arch(m.student, m.student_path or str(Path(m.artifacts_dir) / "student"))
+    teacher, t_src, _ = _arch(m.teacher, m.teacher_path or str(Path(m.artifacts_dir) / "teacher"))
+    seq = max_prompt_tokens(cfg.task) + r.max_new_tokens
+    B = cfg.pipeline.batch_size
+    # the learner takes the whole batch in one step, split over its data-parallel replicas; both learners train
+    # fp32 parameters with torch AdamW (two fp32 moments, no master copy, not sharded over dp)
+    learner_mem = learner_memory(student, tp=lr.tp, pp=lr.pp, dp=lr.dp, micro_batch=-(-B // lr.dp), seq_len=seq,
+                                 param_bytes=4, grad_bytes=4, distributed_optimizer=False)
+    # an engine holds its share of the batch, every sequence at full length, in its KV cache
+    per_engine = -(-B // r.num_engines)
+    rollout_mem = engine_memory(student, tp=r.tp, kv_tokens=per_engine * seq, role="rollout")
+    # a teacher replica scores at most max_tokens_per_forward padded tokens in one prefill
+    scored = min(t.max_tokens_per_forward, B * seq)
+    teacher_mem = engine_memory(teacher, tp=t.tp, kv_tokens=scored, role="teacher")
+    ranks = lr.tp * lr.pp * lr.dp
+    roles = [
+        RolePlan("learner", lr.backend, f"tp={lr.tp} pp={lr.pp} dp={lr.dp}", ranks * lr.gpus_per_rank, s_src,
+                 learner_mem),
+        RolePlan("rollout", r.backend, f"{r.num_engines} engines x tp={r.tp}", r.num_engines * r.gpus_per_engine,
+                 s_src, rollout_mem, per_engine),
+        RolePlan("teacher", t.backend, f"{t.replicas} replicas x tp={t.tp}", t.replicas * t.gpus_per_replica,
+                 t_src, teacher_mem, max(scored // seq, 1)),
+    ]
+    out = Plan(roles, c.nodes * c.gpus_per_node, seq)
+    out.problems += check_layout("learner", student, lr.tp, lr.pp)
+    backend = LEARNER_BACKENDS[lr.backend]
+    families = backend.families
+    if families is not None and s_family not in families:
+        out.problems.append(_Problem("learner.backend", f"learner.backend={lr.backend} trains {sorted(families)} "
+                                                        f"checkpoints; the student is {s_family!r} ({s_src}): use "
+                                                        "learner=hf or a supported student"))
+    if not backend.replicates_kv_heads and student.num_kv_heads % lr.tp:
+        out.problems.append(_Problem("learner.tp", f"learner.tp={lr.tp}: the {lr.backend} learner splits the student's "
+                                                   f"{student.num_kv_heads} KV heads evenly over tp ranks; use a "
+                                                   f"learner.tp that divides {student.num_kv_heads}"))
+    out.problems += check_layout("rollout", student, r.tp)
+    out.problems += check_layout("teacher", teacher, t.tp)
+    out.problems += _gpu_problems(cfg, roles, out.gpus_available)
+    return out
+
+
+@dataclass(frozen=True)
+class _Problem:
+    field: str
+    message: str
+
+
+def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_Problem]:
+    """GPU totals against the allocation, a GPU per shard, and each role's memory against one GPU."""
+    c, out = cfg.cluster, []
+    if available <= 0:
+        return out
+    for name, per, tp in (("rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
+                           ("teacher.gpus_per_replica", cfg.teacher.gpus_per_replica, cfg.teacher.tp)):
+        if per != tp:
+            out.append(_Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
+                                      f"per shard; set {name}={tp}"))
+    if cfg.learner.gpus_per_rank != 1:
+        out.append(_Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
+                                                     "cluster: each learner rank drives one GPU; set it to 1"))
+    total = sum(p.gpus for p in roles)
+    if total > available:
+        parts = " + ".join(f"{p.role} {p.gpus:g}" for p in roles)
+        out.append(_Problem("cluster.nodes", f"the roles ask for {parts} = {total:g} GPUs but the allocation has "
+                                             f"cluster.nodes x cluster.gpus_per_node = {c.nodes} x {c.gpus_per_node} "
+                                             f"= {available}: add nodes or shrink rollout.num_engines, "
+                                             "teacher.replicas or the learner's tp x pp x dp"))
+    if c.gpu_memory_gib > 0:
+        for p in roles:
+            # an engine queues what its KV pool cannot hold, so it fits once its weights and one full-length
+            # sequence do; the learner holds its whole share of the batch at once
+            need = p.memory.total_bytes if p.role == "learner" else \
+                p.memory.params_bytes + p.memory.kv_cache_bytes / max(p.kv_sequences, 1)
+            if need / GIB > c.gpu_memory_gib:
+                fix = f"{p.role}.tp"
+                out.append(_Problem(fix, f"the {p.role} needs ~{need / GIB:.1f} GiB per GPU ({p.layout}) but "
+                                         f"cluster.gpu_memory_gib={c.gpu_memory_gib:g}: raise {fix}"
+                                         + (" or shrink pipeline.batch_size" if p.role == "learner" else "")))
+    return out

@@ -1,0 +1,243 @@
+"""Every config rule, in one place, checked before any process starts.
+
+`problems(cfg)` lists what the config alone rules out: bad values, backends that cannot do what the estimator
+needs, parallel layouts the model's heads and layers do not allow, more GPUs than the cluster has, a role that
+does not fit its GPUs. `host_problems(cfg)` adds what this machine rules out: modules that do not import,
+NCCL without CUDA, checkpoints that are not there. Each names the field and the fix; `validate` raises them
+as one ConfigError, which the CLI prints and exits 2 on.
+"""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncopd.config.schema import Config
+from asyncopd.core.errors import ConfigError
+from asyncopd.estimators.base import Requirements
+from asyncopd.estimators.registry import build as build_estimator
+from asyncopd.learner.backends import LEARNER_BACKENDS
+from asyncopd.rollout.backends import ROLLOUT_BACKENDS
+from asyncopd.teacher.backends import TEACHER_BACKENDS
+from asyncopd.validation.plan import Plan, plan
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str  # the config field to change
+    message: str  # names the field, the values and the fix
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _values(cfg: Config) -> list[tuple[bool, str, str]]:
+    """(ok, field, message) for every single-value rule."""
+    p, r, t, lr, w, task, prep = (cfg.pipeline, cfg.rollout, cfg.teacher, cfg.learner, cfg.weights, cfg.task,
+                                  cfg.model.prepare)
+    lo_hi = list(prep.student_accuracy_range)
+    return [
+        (p.max_staleness >= 0, "pipeline.max_staleness", f"pipeline.max_staleness must be >= 0 (got "
+         f"{p.max_staleness}); use pipeline.max_staleness=0 for strict synchronous training"),
+        (p.batch_size >= 1, "pipeline.batch_size", f"pipeline.batch_size must be >= 1 (got {p.batch_size})"),
+        (p.steps >= 1, "pipeline.steps", f"pipeline.steps must be >= 1 (got {p.steps})"),
+        (p.eval_every >= 0, "pipeline.eval_every", f"pipeline.eval_every must be >= 0 (got {p.eval_every}); "
+         "0 disables it"),
+        (p.eval_prompts >= 1, "pipeline.eval_prompts", f"pipeline.eval_prompts must be >= 1 (got {p.eval_prompts})"),
+        (r.num_engines >= 1, "rollout.num_engines", f"rollout.num_engines must be >= 1 (got {r.num_engines})"),
+        (r.tp >= 1, "rollout.tp", f"rollout.tp must be >= 1 (got {r.tp})"),
+        (r.temperature >= 0, "rollout.temperature", f"rollout.temperature must be >= 0 (got {r.temperature})"),
+        (0 < r.top_p <= 1, "rollout.top_p", f"rollout.top_p must be in (0, 1] (got {r.top_p})"),
+        (r.max_new_tokens >= 1, "rollout.max_new_tokens",
+         f"rollout.max_new_tokens must be >= 1 (got {r.max_new_tokens})"),
+        (r.threads_per_engine >= 1, "rollout.threads_per_engine",
+         f"rollout.threads_per_engine must be >= 1 (got {r.threads_per_engine})"),
+        (t.replicas >= 1, "teacher.replicas", f"teacher.replicas must be >= 1 (got {t.replicas})"),
+        (t.tp >= 1, "teacher.tp", f"teacher.tp must be >= 1 (got {t.tp})"),
+        (t.threads >= 1, "teacher.threads", f"teacher.threads must be >= 1 (got {t.threads})"),
+        (t.wire_dtype in ("float32", "float16"), "teacher.wire_dtype",
+         f"teacher.wire_dtype={t.wire_dtype!r} is unknown: use 'float32' or 'float16'"),
+        (t.max_tokens_per_forward >= 1, "teacher.max_tokens_per_forward",
+         f"teacher.max_tokens_per_forward must be >= 1 (got {t.max_tokens_per_forward})"),
+        (lr.lr > 0, "learner.lr", f"learner.lr must be > 0 (got {lr.lr})"),
+        (lr.warmup_steps >= 0, "learner.warmup_steps", f"learner.warmup_steps must be >= 0 (got {lr.warmup_steps})"),
+        (lr.threads >= 1, "learner.threads", f"learner.threads must be >= 1 (got {lr.threads})"),
+        (min(lr.tp, lr.pp, lr.dp) >= 1, "learner.tp",
+         f"learner.tp, learner.pp and learner.dp must all be >= 1 (got {lr.tp}, {lr.pp}, {lr.dp})"),
+        (lr.dp == 1, "learner.dp", f"learner.dp={lr.dp}: data parallelism is not implemented yet; set "
+         "learner.dp=1 (scale the learner with learner.tp)"),
+        (w.backend in ("gloo", "nccl"), "weights.backend",
+         f"weights.backend={w.backend!r} is unknown: use 'gloo' or 'nccl'"),
+        (w.bucket_mb > 0, "weights.bucket_mb", f"weights.bucket_mb must be > 0 (got {w.bucket_mb})"),
+        (len(task.operand_counts) == len(task.operand_probs) > 0, "task.operand_probs",
+         "task.operand_counts and task.operand_probs must be non-empty and of equal length"),
+        (all(c >= 2 for c in task.operand_counts), "task.operand_counts",
+         f"task.operand_counts must all be >= 2 (got {task.operand_counts})"),
+        (all(q >= 0 for q in task.operand_probs) and sum(task.operand_probs) > 0, "task.operand_probs",
+         f"task.operand_probs must be non-negative with a positive sum (got {task.operand_probs})"),
+        (task.max_value >= 1, "task.max_value", f"task.max_value must be >= 1 (got {task.max_value})"),
+        (task.num_test >= 1, "task.num_test", f"task.num_test must be >= 1 to measure accuracy (got {task.num_test})"),
+        (prep.teacher_steps >= 1, "model.prepare.teacher_steps",
+         f"model.prepare.teacher_steps must be >= 1 (got {prep.teacher_steps})"),
+        (1 <= prep.student_min_steps <= prep.student_max_steps, "model.prepare.student_min_steps",
+         f"model.prepare.student_min_steps must be in [1, student_max_steps] (got {prep.student_min_steps}, "
+         f"student_max_steps={prep.student_max_steps})"),
+        (prep.student_eval_every >= 1, "model.prepare.student_eval_every",
+         "model.prepare.student_eval_every must be >= 1"),
+        (0 <= prep.student_stop_accuracy <= 1, "model.prepare.student_stop_accuracy",
+         "model.prepare.student_stop_accuracy must be in [0, 1]"),
+        (prep.teacher_batch_size >= 1 and prep.student_batch_size >= 1, "model.prepare.teacher_batch_size",
+         "model.prepare.teacher_batch_size and model.prepare.student_batch_size must be >= 1"),
+        (prep.teacher_lr > 0 and prep.student_lr > 0, "model.prepare.teacher_lr",
+         "model.prepare.teacher_lr and model.prepare.student_lr must be > 0"),
+        (prep.threads >= 1, "model.prepare.threads", f"model.prepare.threads must be >= 1 (got {prep.threads})"),
+        (0 <= prep.min_teacher_accuracy <= prep.teacher_target_accuracy <= 1, "model.prepare.min_teacher_accuracy",
+         f"model.prepare.min_teacher_accuracy <= model.prepare.teacher_target_accuracy must hold within [0, 1] "
+         f"(got {prep.min_teacher_accuracy}, {prep.teacher_target_accuracy})"),
+        (len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] <= 1, "model.prepare.student_accuracy_range",
+         f"model.prepare.student_accuracy_range must be [low, high] within [0, 1] (got {lo_hi})"),
+        (prep.extra_eval_every >= 1, "model.prepare.extra_eval_every", "model.prepare.extra_eval_every must be >= 1"),
+    ]
+
+
+def _backends(cfg: Config) -> list[Problem]:
+    """Backend names against the tables, and each backend's limits."""
+    out = []
+    for field, name, table in (("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS),
+                               ("teacher.backend", cfg.teacher.backend, TEACHER_BACKENDS),
+                               ("learner.backend", cfg.learner.backend, LEARNER_BACKENDS)):
+        if name not in table:
+            out.append(Problem(field, f"{field}={name!r} is unknown: use one of {sorted(table)}"))
+    if out:
+        return out
+    rb, tb, lb = (ROLLOUT_BACKENDS[cfg.rollout.backend], TEACHER_BACKENDS[cfg.teacher.backend],
+                  LEARNER_BACKENDS[cfg.learner.backend])
+    for field, tp, b, other in (("rollout.tp", cfg.rollout.tp, rb, "rollout.backend=sglang"),
+                                ("teacher.tp", cfg.teacher.tp, tb, "teacher.backend=sglang (or teacher.replicas)"),
+                                ("learner.tp", cfg.learner.tp, lb, "learner.backend=megatron")):
+        if b.max_tp is not None and tp > b.max_tp:
+            out.append(Problem(field, f"{field}={tp}: the {b.name} backend runs at most tp={b.max_tp}; set "
+                                      f"{field}={b.max_tp} or use {other}"))
+    if cfg.learner.pp > lb.max_pp:
+        out.append(Problem("learner.pp", f"learner.pp={cfg.learner.pp}: the {lb.name} learner implements pipeline "
+                                         f"parallel size <= {lb.max_pp} only; set learner.pp={lb.max_pp} and "
+                                         "scale with learner.tp"))
+    if cfg.learner.fp8 and not lb.fp8:
+        out.append(Problem("learner.fp8", f"learner.fp8=true needs the megatron learner (Transformer Engine); set "
+                                          f"learner.fp8=false or learner=megatron (learner.backend={lb.name})"))
+    return out
+
+
+def _estimator(cfg: Config) -> tuple[Requirements | None, list[Problem]]:
+    """The estimator's own knobs, then what it needs fetched against what the backends can return."""
+    try:
+        req = build_estimator(cfg.estimator).requirements(cfg.estimator)
+    except (ValueError, ConfigError) as e:
+        return None, [Problem("estimator.name", str(e))]
+    out = []
+    name = cfg.estimator.name
+    rb, tb = ROLLOUT_BACKENDS.get(cfg.rollout.backend), TEACHER_BACKENDS.get(cfg.teacher.backend)
+    if req.mc_samples and rb is not None and not rb.mc_samples:
+        out.append(Problem("rollout.backend", f"estimator={name} draws {req.mc_samples} samples per position at "
+                                              f"rollout time, which rollout.backend={rb.name} cannot capture; use "
+                                              "rollout=embedded or another estimator (e.g. sampled_rkl)"))
+    if (req.mc_samples or req.teacher_scores_student_topk) and tb is not None and not tb.per_position_queries:
+        out.append(Problem("teacher.backend", f"estimator={name} needs per-position query scores (a different id "
+                                              f"set at every position) that teacher.backend={tb.name} cannot give "
+                                              "(stock SGLang scores one fixed id list per request); use "
+                                              "teacher=embedded or an estimator on the teacher's top-k "
+                                              "(forward_kl, sparse_rkl)"))
+    return req, out
+
+
+def _prepared(cfg: Config) -> list[Problem]:
+    """A model with no path is built by `asyncopd prepare` from its spec: a small dense Qwen2 on the task's
+    tokenizer, whose heads divide its width."""
+    out = []
+    for role, path in (("teacher", cfg.model.teacher_path), ("student", cfg.model.student_path)):
+        s, f = getattr(cfg.model, role), f"model.{role}"
+        if path:
+            continue
+        if s.family != "qwen2" or s.num_experts or s.head_dim or s.vocab_size:
+            out.append(Problem(f"{f}.family", f"{f} is built by `asyncopd prepare`, which builds dense Qwen2 models "
+                                              f"on the task's tokenizer: set {f}.family=qwen2, num_experts=0, "
+                                              f"head_dim=0, vocab_size=0, or set model.{role}_path to a checkpoint"))
+        if s.num_heads < 1 or s.num_kv_heads < 1 or s.hidden_size % s.num_heads or s.num_heads % s.num_kv_heads:
+            out.append(Problem(f"{f}.num_heads", f"{f}: hidden_size={s.hidden_size}, num_heads={s.num_heads} and "
+                                                 f"num_kv_heads={s.num_kv_heads} must divide in turn"))
+    return out
+
+
+def _config_problems(cfg: Config) -> tuple[Plan | None, list[Problem]]:
+    out = [Problem(f, m) for ok, f, m in _values(cfg) if not ok] + _prepared(cfg)
+    known = all(name in table for name, table in ((cfg.rollout.backend, ROLLOUT_BACKENDS),
+                                                 (cfg.teacher.backend, TEACHER_BACKENDS),
+                                                 (cfg.learner.backend, LEARNER_BACKENDS)))
+    out += _backends(cfg)
+    out += _estimator(cfg)[1]
+    # layouts, GPUs and memory need sane sizes and known backends, not a config that can run otherwise
+    the_plan = plan(cfg) if known and not any(p.field in _SIZES for p in out) else None
+    if the_plan is not None:
+        out += [Problem(p.field, p.message) for p in the_plan.problems]
+    return the_plan, out
+
+
+_SIZES = frozenset({"model.teacher.num_heads", "model.student.num_heads", "learner.tp", "rollout.tp",
+                    "teacher.tp", "learner.dp", "pipeline.batch_size", "rollout.num_engines", "teacher.replicas",
+                    "rollout.max_new_tokens", "task.operand_counts", "task.max_value", "task.operand_probs"})
+
+
+def problems(cfg: Config) -> list[Problem]:
+    """Everything the config alone rules out (no files, no GPUs, nothing started)."""
+    return _config_problems(cfg)[1]
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # a missing parent package
+        return True
+
+
+def host_problems(cfg: Config) -> list[Problem]:
+    """What this machine rules out: modules, CUDA, and the checkpoints the run reads."""
+    import torch
+
+    out = []
+    hint = "install the GPU extras with `pip install .[gpu]` on a CUDA machine"
+    for field, b in (("rollout.backend", ROLLOUT_BACKENDS.get(cfg.rollout.backend)),
+                     ("teacher.backend", TEACHER_BACKENDS.get(cfg.teacher.backend)),
+                     ("learner.backend", LEARNER_BACKENDS.get(cfg.learner.backend))):
+        for module in (b.needs if b else ()):
+            if _missing(module):
+                out.append(Problem(field, f"{field}={b.name} needs {module}, which is not importable here: {hint}"))
+    if cfg.learner.fp8 and _missing("transformer_engine"):
+        out.append(Problem("learner.fp8", f"learner.fp8=true needs Transformer Engine, which is not importable: "
+                                          f"{hint}, or set learner.fp8=false"))
+    if cfg.weights.backend == "nccl" and not torch.cuda.is_available():
+        out.append(Problem("weights.backend", "weights.backend=nccl needs CUDA GPUs; on a CPU machine use "
+                                              "weights.backend=gloo"))
+    root = Path(cfg.model.artifacts_dir)
+    for field, path in (("model.teacher_path", cfg.model.teacher_path or root / "teacher"),
+                        ("model.student_path", cfg.model.student_path or root / "student")):
+        if not (Path(path) / "config.json").exists():
+            out.append(Problem(field, f"{field}={str(path)!r} holds no Hugging Face checkpoint (config.json "
+                                      f"missing): run `asyncopd prepare` to build the embedded models, or point "
+                                      f"{field} at a checkpoint directory"))
+    if cfg.run.resume_from and not Path(cfg.run.resume_from).is_dir():
+        out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} is not a directory: point "
+                                              "it at the checkpoint/ folder of an earlier run"))
+    return out
+
+
+def validate(cfg: Config, *, host: bool = False) -> Config:
+    """Raise one ConfigError listing every problem (host: also this machine's); returns cfg when it can run."""
+    found = problems(cfg) + (host_problems(cfg) if host else [])
+    if found:
+        raise ConfigError("\n".join(f"- {p.message}" for p in found) if len(found) > 1 else found[0].message)
+    return cfg
+
+
+def report(cfg: Config) -> tuple[Plan | None, list[Problem], list[Problem]]:
+    """For `asyncopd validate`: the per-role plan (when sizes allow one), the config's problems, this machine's."""
+    the_plan, found = _config_problems(cfg)
+    return the_plan, found, host_problems(cfg)

@@ -1,0 +1,107 @@
+"""`asyncopd validate` and the one validation home: every shipped experiment, invalid layouts, capability
+mismatches, GPU totals, and user errors at the CLI (exit 2, the field named, no traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncopd.cli.main import main
+from asyncopd.config.load import compose_config
+from asyncopd.validation.plan import plan
+from asyncopd.validation.rules import problems
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+GIB = 2**30
+
+# What each shipped experiment cannot do yet, by the field to change. A later change that makes one valid
+# must update this table (and the README): an empty set means the experiment can run.
+EXPECTED = {
+    "tiny_cpu": set(),
+    # PP=4 is unimplemented; 32 learner + 32 rollout + 16 teacher GPUs do not fit 8 nodes x 8; the megatron
+    # learner converts Qwen2 checkpoints only; it takes the whole batch (512 x 16k tokens) in one step, with no
+    # micro-batching; 405B bf16 weights over tp=8 are 94.5 GiB per 80 GiB GPU
+    "llama_70b": {"learner.pp", "cluster.nodes", "learner.backend", "learner.tp", "teacher.tp"},
+    # Qwen3 is not a family the megatron learner converts; the whole batch (256 x 16k tokens) in one step
+    "qwen3_1p7b_from_30b": {"learner.backend", "learner.tp"},
+}
+
+
+def fields(overrides: list[str]) -> set[str]:
+    return {p.field for p in problems(compose_config(overrides))}
+
+
+def test_every_shipped_experiment_is_validated():
+    assert set(EXPERIMENTS) == set(EXPECTED), "a new experiment needs its expected verdict here"
+    for name in EXPERIMENTS:
+        assert fields([f"experiment={name}"]) == EXPECTED[name], name
+
+
+def test_llama_70b_reasons_name_the_numbers():
+    found = {p.field: p.message for p in problems(compose_config(["experiment=llama_70b"]))}
+    assert "learner.pp=4" in found["learner.pp"]
+    assert "learner 32 + rollout 32 + teacher 16 = 80 GPUs" in found["cluster.nodes"]
+    assert "8 x 8 = 64" in found["cluster.nodes"]
+
+
+def test_tp_must_divide_heads():
+    # 64 attention heads (Llama-3.3-70B's student spec): tp=3 divides neither heads nor KV groups
+    assert "learner.tp" in fields(["experiment=llama_70b", "learner.tp=3"])
+    assert "learner.pp" in fields(["learner=megatron", "learner.pp=3"])  # also: 2 layers are not divisible by 3
+    assert "rollout.tp" in fields(["experiment=llama_70b", "rollout.tp=3", "rollout.gpus_per_engine=3"])
+
+
+def test_backend_limits_and_capabilities():
+    assert fields(["learner.tp=2"]) == {"learner.tp"}  # the hf learner is not parallel
+    assert fields(["learner.fp8=true"]) == {"learner.fp8"}  # fp8 is the megatron learner's
+    assert fields(["teacher.tp=2"]) == {"teacher.tp"}  # the embedded teacher is one shard per replica
+    assert fields(["learner.dp=2"]) == {"learner.dp"}
+    # mc_rkl scores a different id set at every position: stock SGLang cannot, neither can it capture M samples
+    assert fields(["estimator=mc_rkl", "teacher=sglang", "teacher.tp=1"]) == {"teacher.backend"}
+    assert fields(["estimator=mc_rkl", "rollout=sglang"]) == {"rollout.backend"}
+    assert fields(["estimator=forward_kl", "teacher=sglang", "teacher.tp=1"]) == set()
+
+
+def test_gpu_totals_and_memory_against_the_cluster():
+    base = ["experiment=qwen3_1p7b_from_30b"]
+    known = EXPECTED["qwen3_1p7b_from_30b"]
+    assert fields([*base, "rollout.num_engines=8"]) - known == {"cluster.nodes"}  # 1 + 8 + 1 GPUs > 8
+    assert fields([*base, "teacher.gpus_per_replica=2"]) - known == {"teacher.gpus_per_replica"}  # tp=1: one GPU
+    # the 30B-A3B teacher (57 GiB of bf16 weights) does not fit a 40 GiB GPU at tp=1; at tp=2 it does
+    assert fields([*base, "cluster.gpu_memory_gib=40"]) - known == {"teacher.tp"}
+    assert fields([*base, "cluster.gpu_memory_gib=40", "teacher.tp=2", "teacher.gpus_per_replica=2"]) == known
+
+
+def test_plan_memory_terms_follow_the_layout():
+    cfg = compose_config(["experiment=llama_70b"])
+    roles = {p.role: p for p in plan(cfg).roles}
+    assert roles["learner"].gpus == 32 and roles["rollout"].gpus == 32 and roles["teacher"].gpus == 16
+    # the learners train fp32: 70.55e9 params / (tp=8 x pp=4) x 4 B = 8.2 GiB, plus stage 0's embedding shard
+    assert 8.2 * GIB < roles["learner"].memory.params_bytes < 8.5 * GIB
+    wider = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.tp=16"])).roles}
+    assert wider["learner"].memory.params_bytes < roles["learner"].memory.params_bytes
+
+
+def test_cli_validate_prints_the_plan_and_the_verdict(capsys):
+    assert main(["validate"]) == 0
+    out = capsys.readouterr().out
+    assert "learner" in out and "total/GPU" in out and "verdict: can run" in out
+    assert main(["validate", "experiment=llama_70b"]) == 2
+    out = capsys.readouterr().out
+    assert "[learner.pp]" in out and "[cluster.nodes]" in out and "verdict: cannot run" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "model.student_path=/nonexistent"], "model.student_path='/nonexistent'"),
+    (["train", "learner=megatron", "learner.pp=3", "learner.tp=5"], "learner.pp"),
+    (["train", "learner.backend=jax"], "learner.backend='jax'"),
+])
+def test_user_errors_exit_2_without_a_traceback(args, needle, tmp_path):
+    """A real process: the exit code, the message naming the field, and no traceback; nothing is started."""
+    proc = subprocess.run([sys.executable, "-m", "asyncopd.cli.main", *args, f"run.dir={tmp_path}/run"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory, Ray or any server
