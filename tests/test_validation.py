@@ -51,6 +51,9 @@ def test_tp_must_divide_heads():
     assert "learner.tp" in fields(["experiment=llama_70b", "learner.tp=3"])
     assert "learner.pp" in fields(["learner=megatron", "learner.pp=3"])  # also: 2 layers are not divisible by 3
     assert "rollout.tp" in fields(["experiment=llama_70b", "rollout.tp=3", "rollout.gpus_per_engine=3"])
+    # Megatron allows tp=16 over 8 KV groups (each rank a copy), our converter does not: that is the backend's rule
+    found = problems(compose_config(["experiment=llama_70b", "learner.tp=16"]))
+    assert any("splits the student's 8 KV heads" in p.message for p in found)
 
 
 def test_backend_limits_and_capabilities():

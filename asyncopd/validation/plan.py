@@ -96,14 +96,16 @@ def plan(cfg: Config) -> Plan:
                  t_src, teacher_mem, max(scored // seq, 1)),
     ]
     out = Plan(roles, c.nodes * c.gpus_per_node, seq)
-    out.problems += check_layout("learner", student, lr.tp, lr.pp)
+    layout = check_layout("learner", student, lr.tp, lr.pp)
+    out.problems += layout
     backend = LEARNER_BACKENDS[lr.backend]
     families = backend.families
     if families is not None and s_family not in families:
         out.problems.append(_Problem("learner.backend", f"learner.backend={lr.backend} trains {sorted(families)} "
                                                         f"checkpoints; the student is {s_family!r} ({s_src}): use "
                                                         "learner=hf or a supported student"))
-    if not backend.replicates_kv_heads and student.num_kv_heads % lr.tp:
+    if not backend.replicates_kv_heads and student.num_kv_heads % lr.tp and \
+            not any(p.field == "learner.tp" for p in layout):
         out.problems.append(_Problem("learner.tp", f"learner.tp={lr.tp}: the {lr.backend} learner splits the student's "
                                                    f"{student.num_kv_heads} KV heads evenly over tp ranks; use a "
                                                    f"learner.tp that divides {student.num_kv_heads}"))

@@ -233,7 +233,8 @@ def validate(cfg: Config, *, host: bool = False) -> Config:
     """Raise one ConfigError listing every problem (host: also this machine's); returns cfg when it can run."""
     found = problems(cfg) + (host_problems(cfg) if host else [])
     if found:
-        raise ConfigError("\n".join(f"- {p.message}" for p in found) if len(found) > 1 else found[0].message)
+        raise ConfigError(found[0].message if len(found) == 1 else
+                          f"{len(found)} problems:\n" + "\n".join(f"- {p.message}" for p in found))
     return cfg
 
 
