@@ -42,15 +42,19 @@ FP64_ESTIMATOR = rounding_tol(EPS64, ESTIMATOR_ROUNDINGS, ESTIMATOR_SCALE)  # ~2
 FP32_ESTIMATOR = rounding_tol(EPS32, ESTIMATOR_ROUNDINGS, ESTIMATOR_SCALE)  # ~1.5e-4
 
 
-def qwen2_roundings(config, positions: int) -> int:
-    """Roundings along the longest chain to one logit of a Qwen2 forward over `positions` tokens.
+def decoder_roundings(config, positions: int) -> int:
+    """Roundings along the longest chain to one logit of a Qwen2 / Qwen3 / Llama forward over `positions` tokens.
 
-    Per layer: input RMSNorm (d), q/k/v projection (d), q.k (head_dim), the attention softmax's sum and its
-    weighted sum of values (positions each), o projection (d), post-attention RMSNorm (d), gate/up projection
-    (d), down projection (intermediate); then the final RMSNorm (d) and the LM head (d).
+    Per layer: input RMSNorm (d), q/k/v projection (d), Qwen3's q/k RMSNorm (head_dim), q.k (head_dim), the
+    attention softmax's sum and its weighted sum of values (positions each), o projection (heads x head_dim,
+    = d unless head_dim is set apart), post-attention RMSNorm (d), gate/up projection (d), down projection
+    (intermediate); then the final RMSNorm (d) and the LM head (d). Llama 3's RoPE scaling changes the rotary
+    frequencies, not the number of roundings.
     """
-    d = config.hidden_size
-    layer = 5 * d + d // config.num_attention_heads + 2 * positions + config.intermediate_size
+    d, heads = config.hidden_size, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    qk_norm = hd if config.model_type == "qwen3" else 0
+    layer = 4 * d + qk_norm + hd + 2 * positions + heads * hd + config.intermediate_size
     return config.num_hidden_layers * layer + 2 * d
 
 
@@ -66,18 +70,18 @@ def logit_bound(model) -> float:
 
 
 def logit_tol(model, positions: int) -> float:
-    """float32 logits of a Qwen2 `model` from two forwards over `positions` tokens that round differently."""
-    return rounding_tol(EPS32, qwen2_roundings(model.config, positions), logit_bound(model))
+    """float32 logits of a decoder `model` from two forwards over `positions` tokens that round differently."""
+    return rounding_tol(EPS32, decoder_roundings(model.config, positions), logit_bound(model))
 
 
 def logprob_tol(model, positions: int, temperature: float = 1.0) -> float:
-    """float32 log-probs log_softmax(logits / T) of a Qwen2 `model` from two forwards that round differently.
+    """float32 log-probs log_softmax(logits / T) of a decoder `model` from two forwards that round differently.
 
     log p_v = z_v - logsumexp(z): both terms carry the logits' error (logsumexp is 1-Lipschitz in the max norm),
     hence 2x; the log-softmax adds V roundings of its own; dividing by T scales every error by 1 / T (T = 0,
     greedy, reports the plain softmax: pass 1).
     """
-    n = qwen2_roundings(model.config, positions) + model.config.vocab_size
+    n = decoder_roundings(model.config, positions) + model.config.vocab_size
     return 2 * rounding_tol(EPS32, n, logit_bound(model) / temperature)
 
 
@@ -100,9 +104,9 @@ def adam_first_step_tol(grad: torch.Tensor, grad_tol: torch.Tensor | float, lr: 
 
 def grad_tol(model, input_ids: torch.Tensor, grad: torch.Tensor) -> float:
     """float32 gradient `grad` of one weight of a Qwen2 `model` on a batch [B, T] from two passes that round
-    differently: forward and backward chain (2x qwen2_roundings over T positions) plus the sum over the
+    differently: forward and backward chain (2x decoder_roundings over T positions) plus the sum over the
     B * T tokens; the terms of a weight's gradient are of the size of its largest entry."""
-    n = 2 * qwen2_roundings(model.config, input_ids.shape[1]) + input_ids.numel()
+    n = 2 * decoder_roundings(model.config, input_ids.shape[1]) + input_ids.numel()
     return rounding_tol(EPS32, n, float(grad.abs().max()))
 
 
