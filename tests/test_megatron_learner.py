@@ -1,5 +1,6 @@
 """The megatron Trainer on CPU (real megatron-core GPTModel, real gloo): the same logits, weights and optimizer step
-as the Hugging Face model / the hf Trainer, at TP=1 (in this process) and TP=2 (two spawned ranks)."""
+as the Hugging Face model / the hf Trainer, at TP=1 (in this process) and TP=2 (two spawned ranks), for a tiny
+checkpoint of each family (Qwen2, Qwen3, Llama 3)."""
 
 import tempfile
 
@@ -15,9 +16,9 @@ from tests._learner_fixtures import (  # noqa: E402
     assert_same_step,
     learner_config,
     make_batch,
-    make_checkpoint,
     make_trainer,
 )
+from tests._families import FAMILIES, save_family_checkpoint  # noqa: E402
 from tests._tolerances import logit_tol  # noqa: E402
 from tests.conftest import TEST_THREADS  # noqa: E402
 
@@ -40,13 +41,17 @@ def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
         hf = load_model(ckpt)
         hf_params = dict(hf.named_parameters())
 
-        # 1. full-vocabulary logits equal the HF model's, on a right-padded batch (padding positions included)
+        # 1. the rotary frequencies are HF's exactly (Llama 3's scaling included, which moves the logits of these
+        # short sequences by about the tolerance only), and the full-vocabulary logits equal the HF model's on a
+        # right-padded batch (padding positions included)
+        assert torch.equal(learner.model.module.rotary_pos_emb.inv_freq, hf.model.rotary_emb.inv_freq)
         batch = make_batch()
         with torch.no_grad():
             logits = learner.model.forward_logits(learner.model.to_device(batch))
             ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         assert logits.shape == ref.shape == (*batch.input_ids.shape, VOCAB)
-        # float32: GPTModel (fused QKV, TP partial sums) vs the HF forward, reordered reductions
+        # float32: GPTModel (fused QKV, TP partial sums) vs the HF forward, reordered reductions; decoder_roundings
+        # counts Qwen3's q/k norms and its wider attention
         torch.testing.assert_close(logits, ref, atol=logit_tol(hf, batch.input_ids.shape[1]), rtol=0)
 
         # 2. gathered weights under HF names round-trip exactly (buckets respect the size)
@@ -58,7 +63,8 @@ def check_learner(ckpt: str, tp: int, out_dir: str) -> None:
         for name, p in hf_params.items():
             assert torch.equal(weights[name], p.detach()), name
 
-        # 3. one train_step with forward_kl: same loss, clipped grad norm and (nearly) the same weights as hf
+        # 3. one train_step with forward_kl: same loss, clipped grad norm and (nearly) the same weights as hf;
+        # the gradients compared include Qwen3's q/k norms, which each TP rank holds a share of before the step
         reference = make_trainer(learner_config(lr=LR, grad_clip=CLIP), ESTIMATOR, ckpt, max_staleness=2)
         expected = reference.train_step(make_batch()).metrics
         metrics = learner.train_step(make_batch()).metrics
@@ -97,9 +103,9 @@ def _tp2_worker(rank: int, init_file: str, ckpt: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    return str(make_checkpoint(tmp_path_factory.mktemp("qwen2_tiny") / "student"))
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory) -> str:
+    return str(save_family_checkpoint(tmp_path_factory.mktemp(f"{request.param}_tiny") / "student", request.param))
 
 
 def test_tp1_matches_hf_and_hf_trainer(checkpoint, tmp_path):

@@ -43,7 +43,7 @@ LEARNER_BACKENDS: dict[str, LearnerBackend] = {b.name: b for b in (
     LearnerBackend("hf", _build_hf, max_tp=1, max_pp=1, fp8=False, needs=(), families=None,
                    replicates_kv_heads=True),
     LearnerBackend("megatron", _build_megatron, max_tp=None, max_pp=1, fp8=True, needs=("megatron.core",),
-                   families=frozenset({"qwen2"}),  # megatron/convert.py maps Qwen2 checkpoints
+                   families=frozenset({"qwen2", "qwen3", "llama"}),  # the FAMILIES megatron/convert.py maps
                    replicates_kv_heads=False),  # and splits their KV heads evenly over the TP ranks
 )}
 

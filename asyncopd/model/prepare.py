@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 4  # bump when the training code changes what a given config produces
+RECIPE_VERSION = 5  # bump when the training code changes what a given config produces
 PREPARE_FILE = "prepare.json"
 SHIPPED_DIR = Path(__file__).parent / "shipped" / "tiny_cpu"
 WEIGHTS_FILE = "model.safetensors"
@@ -308,13 +308,13 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
             "path": str(root / "teacher"), "accuracy": t_acc, "near_ties": t_ev.near_ties(),
             "sha256": sha["teacher"], "steps": steps + extra, "extra_steps": extra,
             "params": num_parameters(teacher), "train_wall_s": round(t_train, 2), "eval_wall_s": round(t_eval, 2),
-            "spec": dataclasses.asdict(cfg.model.teacher),
+            "spec": {k: getattr(cfg.model.teacher, k) for k in BUILT_FROM},
         },
         "student": {
             "path": str(root / "student"), "accuracy": s_acc, "near_ties": s_ev.near_ties(),
             "sha256": sha["student"], "steps": s_steps, "in_range": in_range,
             "params": num_parameters(student), "train_wall_s": round(s_train, 2),
-            "eval_wall_s": round(s_eval, 2), "spec": dataclasses.asdict(cfg.model.student),
+            "eval_wall_s": round(s_eval, 2), "spec": {k: getattr(cfg.model.student, k) for k in BUILT_FROM},
         },
         "source": "trained",
         "matches_shipped": None if shipped is None else all(shipped[n]["sha256"] == sha[n] for n in sha),

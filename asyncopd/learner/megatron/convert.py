@@ -1,9 +1,13 @@
-"""Hugging Face Qwen2ForCausalLM <-> megatron-core GPTModel weights, with tensor-parallel sharding.
+"""Hugging Face Qwen2 / Qwen3 / Llama (3) <-> megatron-core GPTModel weights, with tensor-parallel sharding.
 
 Megatron layout (per decoder layer i, prefix `decoder.layers.{i}.`), TP size t, rank r:
 - `self_attention.linear_qkv.weight|bias` column-parallel, rows grouped per KV group g:
   [q heads of g (np/ng * hn rows) | k_g (hn) | v_g (hn)], g = 0..ng-1; rank r holds groups
-  [r*ng/t, (r+1)*ng/t) - a contiguous dim-0 slice of the interleaved tensor (needs ng % t == 0).
+  [r*ng/t, (r+1)*ng/t) - a contiguous dim-0 slice of the interleaved tensor (needs ng % t == 0). Only Qwen2
+  has the bias.
+- `self_attention.q_layernorm.weight`, `k_layernorm.weight` (Qwen3's q_norm / k_norm: one RMSNorm over head_dim
+  shared by the heads) replicated; each rank applies them to its own heads only, so under TP their gradients
+  are per-rank partial sums (model.sum_head_norm_grads completes them).
 - `self_attention.linear_proj.weight` (o_proj) row-parallel: dim-1 slice.
 - `mlp.linear_fc1.weight` column-parallel SwiGLU: rank r holds [gate_r ; up_r] (its slice of gate_proj, then
   its slice of up_proj: megatron's glu splits each rank's output in two halves, silu on the first).
@@ -11,7 +15,21 @@ Megatron layout (per decoder layer i, prefix `decoder.layers.{i}.`), TP size t, 
 - `input_layernorm.weight`, `pre_mlp_layernorm.weight` (post_attention_layernorm), `decoder.final_layernorm.weight`
   replicated (Transformer Engine spec: fused into linear_qkv/linear_fc1 as `layer_norm_weight`).
 - `embedding.word_embeddings.weight` (and `output_layer.weight` when untied) vocab-parallel: dim-0 slice of the
-  vocabulary padded to `Qwen2Layout.padded_vocab`; the padding rows are zero and are dropped on export.
+  vocabulary padded to `DecoderLayout.padded_vocab`; the padding rows are zero and are dropped on export.
+Llama 3's RoPE scaling has no weights: model.build_gpt_model scales the rotary frequencies.
+
+Why this module and not mbridge (compared on the tiny checkpoints of tests/_families.py, tied and untied, at
+TP=1 and TP=2 over gloo; mbridge 0.15.1, megatron-core 0.16.1, transformers 5.24, torch 2.13 CPU): where mbridge
+runs, its megatron state equals this module's parameter for parameter (torch.equal) and its HF export is exact,
+but only after five workarounds: its undeclared `einops` import; `config.rope_theta`, which transformers 5 moved
+into `rope_parameters`; a Transformer Engine-only layer spec (replaced by the local spec, plus name-map entries
+for `input_layernorm` / `pre_mlp_layernorm`); sequence parallelism forced on at TP>1 (the local norm refuses it);
+and a class-level name map that a tied checkpoint rewrites (lm_head -> embed_tokens), breaking the next untied one
+of that family in the process. Llama 3 stays wrong after them: under transformers 5 mbridge drops llama3 RoPE
+scaling (logits 6.8e-5 off HF, 9x the float32 tolerance), and where it reads the scaling (transformers 4's
+`"rope_scaling" in config`, simulated) it applies the factor as linear position interpolation (1.3e-3 off). This
+module (~330 lines with the config checks; mbridge's core and these three bridges: ~2000) is exact on all three
+families at TP=1 and TP=2 and needs nothing beyond megatron-core, so it stays, and mbridge is no dependency.
 """
 
 import json
@@ -27,9 +45,35 @@ HF_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
-class Qwen2Layout:
-    """The shapes the conversion needs, read from a Hugging Face Qwen2 config."""
+class Family:
+    """What a Hugging Face model_type adds to the shared decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
 
+    qkv_bias: bool  # q/k/v projections carry a bias (o_proj and the MLP never do here)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2": Family(qkv_bias=True, qk_norm=False),
+    "qwen3": Family(qkv_bias=False, qk_norm=True),
+    "llama": Family(qkv_bias=False, qk_norm=False),
+}
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.1's RoPE frequency scaling (rope_type "llama3"), with the checkpoint's own parameters."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_positions: int
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """The shapes and features the conversion and the GPTModel need, read from a Hugging Face config."""
+
+    family: str  # the model_type, a key of FAMILIES
     num_layers: int
     hidden: int
     heads: int
@@ -42,22 +86,42 @@ class Qwen2Layout:
     eps: float
     rope_theta: float
     max_positions: int
+    qkv_bias: bool
+    qk_norm: bool
+    llama3_rope: Llama3Rope | None = None
     init_std: float = 0.02
     attention_dropout: float = 0.0
 
     @classmethod
-    def from_hf_config(cls, hf_config, tp: int = 1, vocab_divisible_by: int = 128) -> "Qwen2Layout":
-        if getattr(hf_config, "model_type", "qwen2") != "qwen2":
-            raise ValueError("the megatron learner converts Qwen2 checkpoints; "
-                             f"got model_type={hf_config.model_type!r}")
+    def from_hf_config(cls, hf_config, tp: int = 1, vocab_divisible_by: int = 128) -> "DecoderLayout":
+        """The layout of `hf_config`; a feature this conversion cannot express raises, naming the config field."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise ValueError(f"model_type={model_type!r}: the megatron learner converts the dense families "
+                             f"{sorted(FAMILIES)}")
+        family = FAMILIES[model_type]
         if getattr(hf_config, "use_sliding_window", False):
-            raise NotImplementedError("Qwen2 sliding-window attention is not supported by the megatron learner")
+            raise NotImplementedError("use_sliding_window=True: sliding-window attention is not supported by the "
+                                      "megatron learner")
+        windowed = sorted({t for t in getattr(hf_config, "layer_types", None) or () if t != "full_attention"})
+        if windowed:
+            raise NotImplementedError(f"layer_types has {windowed}: only full attention is supported")
         if getattr(hf_config, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act={hf_config.hidden_act!r}: only silu (SwiGLU) is supported")
-        rope = getattr(hf_config, "rope_parameters", None) or {}
+        for field in ("attention_bias", "mlp_bias"):  # Llama / Qwen3: also a bias on o_proj / the MLP
+            if getattr(hf_config, field, False):
+                raise NotImplementedError(f"{field}=True: only Qwen2's q/k/v bias is supported")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
-        if rope_type != "default":
-            raise NotImplementedError(f"rope_type={rope_type!r}: only default rotary embeddings are supported")
+        if rope_type not in ("default", "llama3"):
+            raise NotImplementedError(f"rope_parameters['rope_type']={rope_type!r}: only 'default' and 'llama3' "
+                                      "rotary embeddings are supported")
+        partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise NotImplementedError(f"partial_rotary_factor={partial}: only full rotary embeddings are supported")
+        llama3 = None if rope_type == "default" else Llama3Rope(
+            float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]))
         theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
         heads = hf_config.num_attention_heads
         groups = getattr(hf_config, "num_key_value_heads", None) or heads
@@ -71,18 +135,19 @@ class Qwen2Layout:
             raise ValueError(f"learner.tp={tp} must divide intermediate_size={hf_config.intermediate_size}")
         multiple = max(1, vocab_divisible_by) * tp
         padded = -(-hf_config.vocab_size // multiple) * multiple
-        return cls(num_layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size, heads=heads,
-                   groups=groups, head_dim=head_dim, ffn=hf_config.intermediate_size, vocab=hf_config.vocab_size,
-                   padded_vocab=padded, tied=bool(getattr(hf_config, "tie_word_embeddings", False)),
-                   eps=hf_config.rms_norm_eps, rope_theta=float(theta),
-                   max_positions=hf_config.max_position_embeddings,
+        return cls(family=model_type, num_layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
+                   heads=heads, groups=groups, head_dim=head_dim, ffn=hf_config.intermediate_size,
+                   vocab=hf_config.vocab_size, padded_vocab=padded,
+                   tied=bool(getattr(hf_config, "tie_word_embeddings", False)), eps=hf_config.rms_norm_eps,
+                   rope_theta=float(theta), max_positions=hf_config.max_position_embeddings,
+                   qkv_bias=family.qkv_bias, qk_norm=family.qk_norm, llama3_rope=llama3,
                    init_std=getattr(hf_config, "initializer_range", 0.02),
                    attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)))
 
 
 # ---- QKV interleaving -------------------------------------------------------------------------------------
 
-def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Qwen2Layout) -> torch.Tensor:
+def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DecoderLayout) -> torch.Tensor:
     """HF q/k/v (weights [rows, h] or biases [rows]) -> megatron's per-group [q.., k, v] rows."""
     ng, hn, per = layout.groups, layout.head_dim, layout.heads // layout.groups
     rest = q.shape[1:]
@@ -90,7 +155,7 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Qw
     return torch.cat(parts, dim=1).reshape(ng * (per + 2) * hn, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, layout: Qwen2Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(qkv: torch.Tensor, layout: DecoderLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of interleave_qkv (on the full, unsharded tensor)."""
     ng, hn, per = layout.groups, layout.head_dim, layout.heads // layout.groups
     rest = qkv.shape[1:]
@@ -108,7 +173,7 @@ class _Rule:
     kind: str  # replicated | vocab | qkv | fc1 | row
 
 
-def _rules(layout: Qwen2Layout, norms_fused: bool) -> list[_Rule]:
+def _rules(layout: DecoderLayout, norms_fused: bool) -> list[_Rule]:
     rules = [_Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
     for i in range(layout.num_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
@@ -118,7 +183,14 @@ def _rules(layout: Qwen2Layout, norms_fused: bool) -> list[_Rule]:
             _Rule(m + attn_norm, (h + "input_layernorm.weight",), "replicated"),
             _Rule(m + "self_attention.linear_qkv.weight",
                   tuple(h + f"self_attn.{p}_proj.weight" for p in "qkv"), "qkv"),
-            _Rule(m + "self_attention.linear_qkv.bias", tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv"),
+        ]
+        if layout.qkv_bias:
+            rules.append(_Rule(m + "self_attention.linear_qkv.bias",
+                               tuple(h + f"self_attn.{p}_proj.bias" for p in "qkv"), "qkv"))
+        if layout.qk_norm:
+            rules += [_Rule(m + f"self_attention.{p}_layernorm.weight", (h + f"self_attn.{p}_norm.weight",),
+                            "replicated") for p in "qk"]
+        rules += [
             _Rule(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"),
             _Rule(m + mlp_norm, (h + "post_attention_layernorm.weight",), "replicated"),
             _Rule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
@@ -130,12 +202,12 @@ def _rules(layout: Qwen2Layout, norms_fused: bool) -> list[_Rule]:
     return rules
 
 
-def name_map(layout: Qwen2Layout, norms_fused: bool = False) -> dict[str, tuple[str, ...]]:
+def name_map(layout: DecoderLayout, norms_fused: bool = False) -> dict[str, tuple[str, ...]]:
     """megatron parameter name -> the HF names it holds (local spec; norms_fused=True: Transformer Engine spec)."""
     return {r.megatron: r.hf for r in _rules(layout, norms_fused)}
 
 
-def _shard(rule: _Rule, hf: list[torch.Tensor], layout: Qwen2Layout, rank: int, tp: int) -> torch.Tensor:
+def _shard(rule: _Rule, hf: list[torch.Tensor], layout: DecoderLayout, rank: int, tp: int) -> torch.Tensor:
     if rule.kind == "replicated":
         return hf[0]
     if rule.kind == "vocab":
@@ -155,7 +227,7 @@ def _shard(rule: _Rule, hf: list[torch.Tensor], layout: Qwen2Layout, rank: int, 
     raise AssertionError(rule.kind)
 
 
-def _unshard(rule: _Rule, shards: list[torch.Tensor], layout: Qwen2Layout) -> list[torch.Tensor]:
+def _unshard(rule: _Rule, shards: list[torch.Tensor], layout: DecoderLayout) -> list[torch.Tensor]:
     if rule.kind == "replicated":
         return [shards[0]]
     if rule.kind == "vocab":
@@ -176,7 +248,7 @@ def _norms_fused(param_names) -> bool:
 
 # ---- HF -> megatron -----------------------------------------------------------------------------------------
 
-def hf_to_megatron(hf_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], layout: Qwen2Layout,
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], layout: DecoderLayout,
                    tp_rank: int = 0, tp_size: int = 1, norms_fused: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(megatron name, this rank's shard) for every parameter; `hf_state` is a dict or a name -> tensor loader."""
     get = hf_state.__getitem__ if isinstance(hf_state, Mapping) else hf_state
@@ -185,7 +257,7 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor] | Callable[[str], torch.
 
 
 @torch.no_grad()
-def load_hf_into_megatron(model: torch.nn.Module, hf_state, layout: Qwen2Layout, tp_rank: int = 0,
+def load_hf_into_megatron(model: torch.nn.Module, hf_state, layout: DecoderLayout, tp_rank: int = 0,
                           tp_size: int = 1) -> None:
     """Copy an HF state (dict or loader) into the GPTModel's local shards; every parameter must be covered."""
     params = dict(model.named_parameters())
@@ -229,7 +301,7 @@ def hf_tensor_loader(model_path: str | Path) -> Callable[[str], torch.Tensor]:
 
 # ---- megatron -> HF -----------------------------------------------------------------------------------------
 
-def merge_megatron_shards(shards: list[Mapping[str, torch.Tensor]], layout: Qwen2Layout) -> dict[str, torch.Tensor]:
+def merge_megatron_shards(shards: list[Mapping[str, torch.Tensor]], layout: DecoderLayout) -> dict[str, torch.Tensor]:
     """Per-rank megatron state dicts (index = TP rank) -> the full HF state dict (offline, no communication)."""
     fused = _norms_fused(shards[0])
     out = {}
@@ -240,7 +312,7 @@ def merge_megatron_shards(shards: list[Mapping[str, torch.Tensor]], layout: Qwen
 
 
 @torch.no_grad()
-def gather_hf_weights(model: torch.nn.Module, tp_group=None, layout: Qwen2Layout | None = None,
+def gather_hf_weights(model: torch.nn.Module, tp_group=None, layout: DecoderLayout | None = None,
                       grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every HF parameter (no lm_head when tied), gathered across `tp_group`.
 

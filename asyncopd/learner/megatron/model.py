@@ -21,7 +21,7 @@ from asyncopd.core.types import LearnerBatch
 from asyncopd.learner.megatron import patches
 from asyncopd.learner.megatron.convert import (
     HF_WEIGHTS,
-    Qwen2Layout,
+    DecoderLayout,
     gather_hf_weights,
     hf_tensor_loader,
     load_hf_into_megatron,
@@ -66,8 +66,9 @@ def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
     return created
 
 
-def build_gpt_model(layout: Qwen2Layout, tp: int, use_te: bool = False) -> torch.nn.Module:
-    """A GPTModel matching Qwen2 (RMSNorm, SwiGLU, RoPE, QKV bias, no other bias), fp32, full-vocab output."""
+def build_gpt_model(layout: DecoderLayout, tp: int, use_te: bool = False) -> torch.nn.Module:
+    """A GPTModel matching the layout's family (RMSNorm, SwiGLU, RoPE; Qwen2's QKV bias, Qwen3's q/k norms, Llama
+    3's RoPE scaling; no other bias), fp32, full-vocab output."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -80,16 +81,16 @@ def build_gpt_model(layout: Qwen2Layout, tp: int, use_te: bool = False) -> torch
         num_layers=layout.num_layers, hidden_size=layout.hidden, num_attention_heads=layout.heads,
         num_query_groups=layout.groups, kv_channels=layout.head_dim, ffn_hidden_size=layout.ffn,
         normalization="RMSNorm", layernorm_epsilon=layout.eps, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
-        hidden_dropout=0.0, attention_dropout=layout.attention_dropout, init_method_std=layout.init_std,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=layout.qkv_bias,
+        qk_layernorm=layout.qk_norm, hidden_dropout=0.0, attention_dropout=layout.attention_dropout, init_method_std=layout.init_std,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True, params_dtype=torch.float32,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False,
         use_cpu_initialization=not on_gpu,
     )
-    spec = (get_gpt_layer_with_transformer_engine_spec() if use_te
-            else get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=layout.qk_norm) if use_te
+            else get_gpt_layer_local_spec(qk_layernorm=layout.qk_norm, normalization="RMSNorm"))
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=layout.padded_vocab,
         max_sequence_length=layout.max_positions, pre_process=True, post_process=True,
@@ -97,6 +98,13 @@ def build_gpt_model(layout: Qwen2Layout, tp: int, use_te: bool = False) -> torch
         share_embeddings_and_output_weights=layout.tied, position_embedding_type="rope",
         rotary_percent=1.0, rotary_base=layout.rope_theta,
     )
+    if layout.llama3_rope is not None:
+        # GPTModel's rope_scaling passes only the factor (the rest fixed at Llama 3.1's 1, 4, 8192): apply
+        # megatron's llama3 scaling with every parameter of the checkpoint instead
+        r, rotary = layout.llama3_rope, model.rotary_pos_emb
+        rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, factor=r.factor, low_freq_factor=r.low_freq_factor,
+                                                high_freq_factor=r.high_freq_factor,
+                                                original_max_position_embeddings=r.original_max_positions)
     model.hf_layout = layout
     return model.cuda() if on_gpu else model
 
@@ -107,6 +115,19 @@ def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
     allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
     return (~allowed).unsqueeze(1)
+
+
+@torch.no_grad()
+def sum_head_norm_grads(module: torch.nn.Module, tp_group) -> None:
+    """Sum the q/k norm gradients over the TP ranks, as megatron's finalize_model_grads does.
+
+    The norm is one replicated weight, but each rank applies it to its own heads only, so each rank's gradient
+    holds its heads' share."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return
+    for name, p in module.named_parameters():
+        if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+            dist.all_reduce(p.grad, group=tp_group)
 
 
 @torch.no_grad()
@@ -132,7 +153,7 @@ def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
 
 
 class MegatronBackend:
-    """This TP rank's shard of a GPTModel converted from a Hugging Face Qwen2 checkpoint."""
+    """This TP rank's shard of a GPTModel converted from a Hugging Face Qwen2, Qwen3 or Llama checkpoint."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str):
         import transformers
@@ -149,7 +170,7 @@ class MegatronBackend:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
-        self.layout = Qwen2Layout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
+        self.layout = DecoderLayout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
         self.module = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
         load_hf_into_megatron(self.module, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
         self.module.train()
@@ -176,7 +197,10 @@ class MegatronBackend:
         return logits[..., : self.layout.vocab].float()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm over the full model (TP shards reduced across ranks), identical on every rank."""
+        """The global norm over the full model (TP shards reduced across ranks), identical on every rank.
+
+        Completes the q/k norms' partial gradients first: the trainer calls this after every backward."""
+        sum_head_norm_grads(self.module, self.tp_group)
         return float(clip_grad_norm_tp(list(self.module.parameters()), max_norm, self.tp_group))
 
     def named_weights_for_rollout(self, bucket_bytes: int) -> Weights:
