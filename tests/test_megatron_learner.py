@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
+from tests._families import FAMILIES, save_family_checkpoint  # noqa: E402
 from tests._learner_fixtures import (  # noqa: E402
     ESTIMATOR,
     VOCAB,
@@ -18,7 +19,6 @@ from tests._learner_fixtures import (  # noqa: E402
     make_batch,
     make_trainer,
 )
-from tests._families import FAMILIES, save_family_checkpoint  # noqa: E402
 from tests._tolerances import logit_tol  # noqa: E402
 from tests.conftest import TEST_THREADS  # noqa: E402
 

@@ -20,12 +20,12 @@ GIB = 2**30
 # must update this table (and the README): an empty set means the experiment can run.
 EXPECTED = {
     "tiny_cpu": set(),
-    # PP=4 is unimplemented; 32 learner + 32 rollout + 16 teacher GPUs do not fit 8 nodes x 8; the megatron
-    # learner converts Qwen2 checkpoints only; it takes the whole batch (512 x 16k tokens) in one step, with no
-    # micro-batching; 405B bf16 weights over tp=8 are 94.5 GiB per 80 GiB GPU
-    "llama_70b": {"learner.pp", "cluster.nodes", "learner.backend", "learner.tp", "teacher.tp"},
-    # Qwen3 is not a family the megatron learner converts; the whole batch (256 x 16k tokens) in one step
-    "qwen3_1p7b_from_30b": {"learner.backend", "learner.tp"},
+    # PP=4 is unimplemented; 32 learner + 32 rollout + 16 teacher GPUs do not fit 8 nodes x 8; the learner takes
+    # the whole batch (512 x 16k tokens) in one step, with no micro-batching; 405B bf16 weights over tp=8 are
+    # 94.5 GiB per 80 GiB GPU
+    "llama_70b": {"learner.pp", "cluster.nodes", "learner.tp", "teacher.tp"},
+    # the whole batch (256 x 16k tokens) in one step
+    "qwen3_1p7b_from_30b": {"learner.tp"},
 }
 
 
@@ -61,6 +61,9 @@ def test_backend_limits_and_capabilities():
     assert fields(["learner.fp8=true"]) == {"learner.fp8"}  # fp8 is the megatron learner's
     assert fields(["teacher.tp=2"]) == {"teacher.tp"}  # the embedded teacher is one shard per replica
     assert fields(["learner.dp=2"]) == {"learner.dp"}
+    # the megatron learner converts dense Qwen2, Qwen3 and Llama checkpoints, not a mixture of experts
+    moe = ["experiment=qwen3_1p7b_from_30b", "model.student.family=qwen3_moe"]
+    assert fields(moe) - EXPECTED["qwen3_1p7b_from_30b"] == {"learner.backend"}
     # mc_rkl scores a different id set at every position: stock SGLang cannot, neither can it capture M samples
     assert fields(["estimator=mc_rkl", "teacher=sglang", "teacher.tp=1"]) == {"teacher.backend"}
     assert fields(["estimator=mc_rkl", "rollout=sglang"]) == {"rollout.backend"}
