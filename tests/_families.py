@@ -22,6 +22,11 @@ _CLASSES = {
 }
 
 
+def family_class(family: str) -> type[transformers.PreTrainedModel]:
+    """The transformers causal-LM class of `family`."""
+    return _CLASSES[family][1]
+
+
 def family_config(family: str, **overrides) -> transformers.PretrainedConfig:
     """2 layers, hidden 32, 4 query heads over 2 KV groups (TP=2 splits them), tied embeddings unless overridden."""
     config_cls, _, extra = _CLASSES[family]
@@ -34,7 +39,7 @@ def family_model(family: str, seed: int = 0, **overrides) -> transformers.PreTra
     """A random model of `family`. Biases and norm gains move off HF's initial zeros and ones, so a bias or a
     q/k norm dropped or swapped in a conversion changes the logits."""
     torch.manual_seed(seed)
-    model = _CLASSES[family][1](family_config(family, **overrides)).float()
+    model = family_class(family)(family_config(family, **overrides)).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -7,39 +7,23 @@ from pathlib import Path
 
 import torch
 
-VOCAB = 19
+from tests._families import FAMILIES, VOCAB, family_class, family_config
+
+__all__ = ["FAMILIES", "VOCAB"]
 EOS = 1
 PAD = 0
 
 
-FAMILIES = ("qwen2", "qwen3", "llama")
-# what sets each family apart, at tiny size: Qwen3's head_dim differs from hidden / heads
-_FAMILY = {
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 16}}),
-}
-
-
 def tiny_config(family: str = "qwen2", **overrides):
-    import transformers
-
-    config_cls, _, extra = _FAMILY[family]
-    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True,
-              max_position_embeddings=64, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None, **extra)
-    kw.update(overrides)
-    return getattr(transformers, config_cls)(**kw)
+    """1 layer, hidden 32, 2 heads: the serving tests' shape, over tests._families' family features."""
+    kw = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+              eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    return family_config(family, **{**kw, **overrides})
 
 
 def tiny_model(seed: int = 0, family: str = "qwen2", **overrides):
-    import transformers
-
     torch.manual_seed(seed)
-    model_cls = getattr(transformers, _FAMILY[family][1])
-    model = model_cls(tiny_config(family, **overrides)).float().eval()
+    model = family_class(family)(tiny_config(family, **overrides)).float().eval()
     # Larger-than-default weights so the distribution is far from uniform (greedy is well defined).
     with torch.no_grad():
         for p in model.parameters():

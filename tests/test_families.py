@@ -29,8 +29,8 @@ def test_the_families_differ_where_they_should(model):
     family = model.config.model_type
     assert any(n.endswith("q_proj.bias") for n in names) == (family == "qwen2")
     assert any(n.endswith("q_norm.weight") for n in names) == (family == "qwen3")
-    if family == "qwen3":  # head_dim 24 with hidden 32 and 4 heads: q is 96 wide, not 32
-        assert model.model.layers[0].self_attn.q_proj.weight.shape == (96, 32)
+    if family == "qwen3":  # head_dim 16 with hidden 32 and 4 heads: q is 64 wide, not 32
+        assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
     if family == "llama":
         assert model.config.rope_scaling["rope_type"] == "llama3"
 
