@@ -13,7 +13,6 @@ from pathlib import Path
 
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
-from asyncopd.estimators.base import Requirements
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.backends import LEARNER_BACKENDS
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
@@ -25,9 +24,6 @@ from asyncopd.validation.plan import Plan, plan
 class Problem:
     field: str  # the config field to change
     message: str  # names the field, the values and the fix
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def _values(cfg: Config) -> list[tuple[bool, str, str]]:
@@ -127,12 +123,12 @@ def _backends(cfg: Config) -> list[Problem]:
     return out
 
 
-def _estimator(cfg: Config) -> tuple[Requirements | None, list[Problem]]:
+def _estimator(cfg: Config) -> list[Problem]:
     """The estimator's own knobs, then what it needs fetched against what the backends can return."""
     try:
         req = build_estimator(cfg.estimator).requirements(cfg.estimator)
     except (ValueError, ConfigError) as e:
-        return None, [Problem("estimator.name", str(e))]
+        return [Problem("estimator.name", str(e))]
     out = []
     name = cfg.estimator.name
     rb, tb = ROLLOUT_BACKENDS.get(cfg.rollout.backend), TEACHER_BACKENDS.get(cfg.teacher.backend)
@@ -146,7 +142,7 @@ def _estimator(cfg: Config) -> tuple[Requirements | None, list[Problem]]:
                                               "(stock SGLang scores one fixed id list per request); use "
                                               "teacher=embedded or an estimator on the teacher's top-k "
                                               "(forward_kl, sparse_rkl)"))
-    return req, out
+    return out
 
 
 def _prepared(cfg: Config) -> list[Problem]:
@@ -173,7 +169,7 @@ def _config_problems(cfg: Config) -> tuple[Plan | None, list[Problem]]:
                                                  (cfg.teacher.backend, TEACHER_BACKENDS),
                                                  (cfg.learner.backend, LEARNER_BACKENDS)))
     out += _backends(cfg)
-    out += _estimator(cfg)[1]
+    out += _estimator(cfg)
     # layouts, GPUs and memory need sane sizes and known backends, not a config that can run otherwise
     the_plan = plan(cfg) if known and not any(p.field in _SIZES for p in out) else None
     if the_plan is not None:
