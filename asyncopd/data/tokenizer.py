@@ -116,9 +116,13 @@ def _read_vocab(path: str | Path) -> tuple[str, ...]:
 
 
 def tokenizer_fingerprint(path: str | Path) -> str:
-    """sha256 (hex, first 16 chars) of the id -> token table in ``path`` (a dir or a tokenizer.json).
+    """sha256 (hex, first 16 chars) of the id -> token table, and a BPE model's merges, in ``path`` (a dir or a
+    tokenizer.json).
 
-    Two checkpoints may be paired as teacher and student only if their fingerprints agree.
+    Two checkpoints may be paired as teacher and student only if their fingerprints agree: the tokenizer decides,
+    not the embedding rows (a teacher may pad its embedding to a different size).
     """
     vocab = _read_vocab(path)
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    merges = json.loads(_tokenizer_json(path).read_text())["model"].get("merges")
+    blob = vocab if not merges else {"vocab": vocab, "merges": merges}  # BPE: same ids, same merges
+    return hashlib.sha256(json.dumps(blob, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
+from asyncopd.data.tokenizer import tokenizer_fingerprint
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.backends import LEARNER_BACKENDS
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
@@ -219,10 +220,32 @@ def host_problems(cfg: Config) -> list[Problem]:
             out.append(Problem(field, f"{field}={str(path)!r} holds no Hugging Face checkpoint (config.json "
                                       f"missing): run `asyncopd prepare` to build the embedded models, or point "
                                       f"{field} at a checkpoint directory"))
+    out += _tokenizer_pair(cfg)
     if cfg.run.resume_from and not Path(cfg.run.resume_from).is_dir():
         out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} is not a directory: point "
                                               "it at the checkpoint/ folder of an earlier run"))
     return out
+
+
+def _tokenizer_pair(cfg: Config) -> list[Problem]:
+    """Teacher scores index the student's vocabulary: refuse a pair whose tokenizers differ before anything
+    starts, naming both files (only when both checkpoints carry one; the servers check again on start)."""
+    root = Path(cfg.model.artifacts_dir)
+    files = [Path(p) / "tokenizer.json" if Path(p).is_dir() else Path(p)
+             for p in (cfg.model.teacher_path or root / "teacher",
+                       cfg.model.tokenizer_path or cfg.model.student_path or root / "student")]
+    if not all(f.is_file() for f in files):
+        return []
+    try:
+        teacher, student = (tokenizer_fingerprint(f) for f in files)
+    except (ValueError, KeyError) as e:
+        return [Problem("model.tokenizer_path", f"a tokenizer file cannot be read ({e}): {files[0]}, {files[1]}")]
+    if teacher == student:
+        return []
+    return [Problem("model.teacher_path", f"teacher and student tokenizers differ: {files[0]} (fingerprint "
+                                          f"{teacher}) vs {files[1]} ({student}); on-policy distillation needs one "
+                                          "shared tokenizer: point model.teacher_path and model.student_path at a "
+                                          "pair built with the same one")]
 
 
 def validate(cfg: Config, *, host: bool = False) -> Config:
