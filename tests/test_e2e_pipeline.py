@@ -11,11 +11,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from asyncopd.config.ray_cluster import start_ray
 from asyncopd.config.schema import ClusterConfig
+from asyncopd.core.errors import ConfigError
 from asyncopd.data.tokenizer import VOCAB, CharTokenizer
+from asyncopd.model.build import build_model, save_checkpoint
 from asyncopd.pipeline.fleet import VocabularyMismatch
 from asyncopd.pipeline.run import run_training
 from asyncopd.validation import load_config
-from tests.conftest import make_artifacts
+from tests.conftest import TINY_TEACHER, make_artifacts
 
 pytestmark = pytest.mark.e2e
 
@@ -67,11 +69,21 @@ def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
 
 def test_vocabulary_mismatch_stops_before_training(tmp_path):
     student_side = make_artifacts(tmp_path / "a")
+    # another tokenizer: refused by validation, before the run directory, Ray or any server exists
     other = make_artifacts(tmp_path / "b", CharTokenizer((*VOCAB, "*")))
     cfg = small_run(student_side, tmp_path / "run", f"model.teacher_path={other / 'teacher'}")
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        run_training(cfg)
+    assert not (tmp_path / "run").exists()
+    # the same tokenizer over a padded embedding: the servers' cards disagree on vocab_size, which the run refuses
+    # before training until padded rows are masked out of top-k scores
+    tok = CharTokenizer()
+    padded = build_model(TINY_TEACHER, tok.vocab_size + 5, 1, tok.pad_token_id, tok.eos_token_id)
+    save_checkpoint(padded, tok, tmp_path / "padded")
+    cfg = small_run(student_side, tmp_path / "run2", f"model.teacher_path={tmp_path / 'padded'}")
     with pytest.raises(VocabularyMismatch, match="vocab_size"):
         run_training(cfg)
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run2" / "summary.json").exists()
 
 
 def test_resume_keeps_the_version_clock(tiny_artifacts, tmp_path):
