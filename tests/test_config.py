@@ -56,5 +56,6 @@ def test_production_experiments_compose():
 
 
 def test_cli_reports_config_errors(capsys):
-    assert main(["config", "pipeline.max_staleness=-3"]) == 2
+    assert main(["train", "pipeline.max_staleness=-3"]) == 2
     assert "pipeline.max_staleness" in capsys.readouterr().err
+    assert main(["config", "pipeline.nope=1"]) == 2  # what does not compose is refused everywhere

@@ -129,3 +129,34 @@ def test_a_tokenizer_mismatch_fails_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match="tokenizers differ") as e:
         validate(compose_config([*base, f"model.student_path={student}"]), host=True)
     assert str(teacher / "tokenizer.json") in str(e.value) and str(student / "tokenizer.json") in str(e.value)
+
+
+def test_cpu_backends_owe_nothing_to_the_gpu_rules_and_bad_specs_are_named(tmp_path, capsys):
+    # the embedded engine, teacher and hf learner run on the CPU: a GPU allocation adds no GPU or memory rule
+    assert fields(["cluster.gpus_per_node=8", "cluster.gpu_memory_gib=1"]) == set()
+    # a spec that sizes a checkpoint not on this machine is checked too, not divided by
+    assert "model.student.num_heads" in fields(["experiment=llama_70b", "model.student.num_kv_heads=0"])
+    # a resume folder without a learner state is refused before anything starts
+    (tmp_path / "ckpt").mkdir()
+    assert main(["train", f"run.resume_from={tmp_path / 'ckpt'}", f"run.dir={tmp_path}/run"]) == 2
+    assert "learner_state" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # `asyncopd config` prints any config that composes; judging it is `asyncopd validate`'s job
+    assert main(["config", "experiment=llama_70b"]) == 0
+
+
+def test_bpe_merges_fingerprint_alike_in_either_format(tmp_path):
+    import json
+
+    from asyncopd.data.tokenizer import tokenizer_fingerprint
+
+    body = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}}
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "tokenizer.json").write_text(json.dumps(body))
+    body["model"]["merges"] = ["a b"]  # tokenizers < 0.20 writes merges as strings
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(body))
+    assert tokenizer_fingerprint(tmp_path / "new") == tokenizer_fingerprint(tmp_path / "old")
+    body["model"]["merges"] = ["b a"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(body))
+    assert tokenizer_fingerprint(tmp_path / "other") != tokenizer_fingerprint(tmp_path / "old")

@@ -9,10 +9,9 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from asyncopd.config.load import to_yaml
-    from asyncopd.validation import load_config
+    from asyncopd.config.load import compose_config, to_yaml
 
-    print(to_yaml(load_config(args.overrides)))
+    print(to_yaml(compose_config(args.overrides)))  # any composable config: `asyncopd validate` judges it
     return 0
 
 

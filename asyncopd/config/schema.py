@@ -1,7 +1,7 @@
 """The config schema: one dataclass per component, the one home of every default.
 
 Every component reads its section from here (imports run downward: this module imports nothing of the
-package), Hydra composes configs/ over it (`asyncopd.config.load`), and `asyncopd.validate` checks it.
+package), Hydra composes configs/ over it (`asyncopd.config.load`), and `asyncopd.validation` checks it.
 """
 
 from dataclasses import dataclass, field

@@ -124,5 +124,7 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     """
     vocab = _read_vocab(path)
     merges = json.loads(_tokenizer_json(path).read_text())["model"].get("merges")
-    blob = vocab if not merges else {"vocab": vocab, "merges": merges}  # BPE: same ids, same merges
+    # BPE: same ids, same merges; tokenizers >= 0.20 writes a merge as ["a", "b"], older ones as "a b"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges or ()]
+    blob = vocab if not merges else {"vocab": vocab, "merges": merges}
     return hashlib.sha256(json.dumps(blob, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -25,6 +25,7 @@ class LearnerBackend:
     needs: tuple[str, ...]  # importable modules it needs
     families: frozenset[str] | None  # Hugging Face model_types it can train (None: any causal LM)
     replicates_kv_heads: bool  # tp may exceed the KV heads (each rank a copy); False: tp must divide them
+    uses_gpu: bool  # each rank drives a GPU when there is one; False: the model stays on the CPU
 
 
 def _build_hf(cfg: LearnerConfig, model_path: str) -> ModelBackend:
@@ -41,10 +42,10 @@ def _build_megatron(cfg: LearnerConfig, model_path: str) -> ModelBackend:
 
 LEARNER_BACKENDS: dict[str, LearnerBackend] = {b.name: b for b in (
     LearnerBackend("hf", _build_hf, max_tp=1, max_pp=1, fp8=False, needs=(), families=None,
-                   replicates_kv_heads=True),
+                   replicates_kv_heads=True, uses_gpu=False),
     LearnerBackend("megatron", _build_megatron, max_tp=None, max_pp=1, fp8=True, needs=("megatron.core",),
                    families=frozenset({"qwen2", "qwen3", "llama"}),  # the FAMILIES megatron/convert.py maps
-                   replicates_kv_heads=False),  # and splits their KV heads evenly over the TP ranks
+                   replicates_kv_heads=False, uses_gpu=True),  # and splits their KV heads evenly over the TP ranks
 )}
 
 

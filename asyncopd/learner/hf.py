@@ -14,7 +14,7 @@ STATE_FILE = "learner_state.pt"
 
 
 class HFBackend:
-    """A Qwen2ForCausalLM from a Hugging Face checkpoint; its checkpoints are Hugging Face ones too."""
+    """Any Hugging Face causal LM (Qwen2, Qwen3 and Llama are tested) on the CPU, saved as Hugging Face checkpoints."""
 
     def __init__(self, model_path: str):
         self.module = load_model(model_path)

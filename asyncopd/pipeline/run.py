@@ -126,11 +126,11 @@ def run_training(cfg: Config) -> dict:
             ray.shutdown()
 
 
-def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, stages: OPDLoop,
+def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, loop: OPDLoop,
              evals: list[tuple[int, float]], teacher_accuracy: float | None) -> dict:
     train_wall = times.wall_s - eval_time
     per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}
-    last = stages.history[-1] if stages.history else {}
+    last = loop.history[-1] if loop.history else {}
     return {
         "run_dir": str(run_dir),
         "estimator": cfg.estimator.name,
@@ -138,14 +138,14 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, st
         "steps": cfg.pipeline.steps,
         "batch_size": cfg.pipeline.batch_size,
         "train_wall_s": train_wall,
-        "samples_per_s": stages.samples / max(train_wall, 1e-9),
-        "tokens_per_s": stages.tokens / max(train_wall, 1e-9),
+        "samples_per_s": loop.samples / max(train_wall, 1e-9),
+        "tokens_per_s": loop.tokens / max(train_wall, 1e-9),
         "busy_rollout_s": per_role["rollout"],
         "busy_teacher_s": per_role["teacher"],
         "busy_learner_s": per_role["learner"],
         "ideal_speedup": times.ideal_speedup(),
-        "staleness_histogram": dict(sorted(stages.staleness.items())),
-        "max_observed_staleness": max(stages.staleness) if stages.staleness else 0,
+        "staleness_histogram": dict(sorted(loop.staleness.items())),
+        "max_observed_staleness": max(loop.staleness) if loop.staleness else 0,
         "initial_accuracy": evals[0][1],
         "final_accuracy": evals[-1][1],
         "teacher_accuracy": teacher_accuracy,

@@ -17,6 +17,7 @@ class RolloutBackend:
     max_tp: int | None  # tensor-parallel size one engine can have (None: any the model's heads allow)
     mc_samples: bool  # draws M i.i.d. samples per position (our /generate extension; mc_rkl needs it)
     pause_for_weight_update: bool  # loads each weight bucket at once: pause generation around an update
+    uses_gpu: bool  # runs on GPUs (one per TP shard); False: the CPU, whatever Ray reserves
 
 
 def _embedded() -> Any:
@@ -32,7 +33,8 @@ def _sglang() -> Any:
 
 
 ROLLOUT_BACKENDS: dict[str, RolloutBackend] = {b.name: b for b in (
-    RolloutBackend("embedded", _embedded, needs=(), max_tp=1, mc_samples=True, pause_for_weight_update=False),
+    RolloutBackend("embedded", _embedded, needs=(), max_tp=1, mc_samples=True, pause_for_weight_update=False,
+                   uses_gpu=False),
     RolloutBackend("sglang", _sglang, needs=("sglang",), max_tp=None, mc_samples=False,
-                   pause_for_weight_update=True),
+                   pause_for_weight_update=True, uses_gpu=True),
 )}

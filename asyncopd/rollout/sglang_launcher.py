@@ -1,7 +1,7 @@
 """backend=sglang: a Ray actor that runs `python -m sglang.launch_server` and waits for /health.
 
 For the rollout fleet (RolloutConfig) the server speaks the same HTTP API as the embedded engine, so
-SGLangClient and the weight sync work unchanged; for the teacher (TeacherConfig, tp -> --tp) it serves
+SGLangClient and the weight sync work unchanged; for the teacher (TeacherConfig) it serves
 prefill scoring to SGLangTeacherClient. sglang is imported by the subprocess only; a missing install
 fails here, early and clearly.
 """
@@ -43,7 +43,7 @@ def sglang_command(model_path: str, cfg: RolloutConfig | TeacherConfig, port: in
            "--port", str(port)]
     if cfg.api_key:
         cmd += ["--api-key", cfg.api_key]
-    if getattr(cfg, "tp", 1) > 1:
+    if cfg.tp > 1:  # both roles: rollout.tp, teacher.tp
         cmd += ["--tp", str(cfg.tp)]
     return cmd + shlex.split(cfg.sglang_args)
 

@@ -21,6 +21,7 @@ class TeacherBackend:
     # scores per-position query ids (MC samples, the student's top-k): stock SGLang scores one fixed id
     # list per request (token_ids_logprob), not a different one at every position
     per_position_queries: bool
+    uses_gpu: bool  # runs on GPUs (one per TP shard); False: the CPU
 
 
 def _embedded() -> Any:
@@ -36,7 +37,8 @@ def _sglang() -> Any:
 
 
 TEACHER_BACKENDS: dict[str, TeacherBackend] = {b.name: b for b in (
-    TeacherBackend("embedded", _embedded, TeacherClient, needs=(), max_tp=1, per_position_queries=True),
+    TeacherBackend("embedded", _embedded, TeacherClient, needs=(), max_tp=1, per_position_queries=True,
+                   uses_gpu=False),
     TeacherBackend("sglang", _sglang, SGLangTeacherClient, needs=("sglang",), max_tp=None,
-                   per_position_queries=False),
+                   per_position_queries=False, uses_gpu=True),
 )}

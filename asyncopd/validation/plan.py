@@ -20,6 +20,8 @@ from asyncopd.config.schema import Config, ModelSpec
 from asyncopd.data.task import max_prompt_tokens
 from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.learner.backends import LEARNER_BACKENDS
+from asyncopd.rollout.backends import ROLLOUT_BACKENDS
+from asyncopd.teacher.backends import TEACHER_BACKENDS
 
 GIB = 2**30
 _QKV_BIAS = {"qwen2"}  # families whose q/k/v projections have a bias
@@ -126,12 +128,15 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_P
     c, out = cfg.cluster, []
     if available <= 0:
         return out
-    for name, per, tp in (("rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
-                           ("teacher.gpus_per_replica", cfg.teacher.gpus_per_replica, cfg.teacher.tp)):
-        if per != tp:
+    on_gpu = {"rollout": ROLLOUT_BACKENDS[cfg.rollout.backend].uses_gpu,
+              "teacher": TEACHER_BACKENDS[cfg.teacher.backend].uses_gpu,
+              "learner": LEARNER_BACKENDS[cfg.learner.backend].uses_gpu}  # CPU backends: no GPU rules
+    for role, name, per, tp in (("rollout", "rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
+                                ("teacher", "teacher.gpus_per_replica", cfg.teacher.gpus_per_replica, cfg.teacher.tp)):
+        if on_gpu[role] and per != tp:
             out.append(_Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
                                       f"per shard; set {name}={tp}"))
-    if cfg.learner.gpus_per_rank != 1:
+    if on_gpu["learner"] and cfg.learner.gpus_per_rank != 1:
         out.append(_Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
                                                      "cluster: each learner rank drives one GPU; set it to 1"))
     total = sum(p.gpus for p in roles)
@@ -142,7 +147,7 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_P
                                              f"= {available}: add nodes or shrink rollout.num_engines, "
                                              "teacher.replicas or the learner's tp x pp x dp"))
     if c.gpu_memory_gib > 0:
-        for p in roles:
+        for p in (p for p in roles if on_gpu[p.role]):
             # an engine queues what its KV pool cannot hold, so it fits once its weights and one full-length
             # sequence do; the learner holds its whole share of the batch at once
             need = p.memory.total_bytes if p.role == "learner" else \

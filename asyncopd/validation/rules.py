@@ -152,13 +152,17 @@ def _prepared(cfg: Config) -> list[Problem]:
     out = []
     for role, path in (("teacher", cfg.model.teacher_path), ("student", cfg.model.student_path)):
         s, f = getattr(cfg.model, role), f"model.{role}"
-        if path:
+        if min(s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads, s.intermediate_size) < 1:
+            out.append(Problem(f"{f}.num_heads", f"{f}: num_layers, hidden_size, num_heads, num_kv_heads and "
+                                                 "intermediate_size must all be >= 1"))
+            continue
+        if path:  # sizes a checkpoint that may not be here; `asyncopd prepare` builds only the others
             continue
         if s.family != "qwen2" or s.num_experts or s.head_dim or s.vocab_size:
             out.append(Problem(f"{f}.family", f"{f} is built by `asyncopd prepare`, which builds dense Qwen2 models "
                                               f"on the task's tokenizer: set {f}.family=qwen2, num_experts=0, "
                                               f"head_dim=0, vocab_size=0, or set model.{role}_path to a checkpoint"))
-        if s.num_heads < 1 or s.num_kv_heads < 1 or s.hidden_size % s.num_heads or s.num_heads % s.num_kv_heads:
+        if s.hidden_size % s.num_heads or s.num_heads % s.num_kv_heads:
             out.append(Problem(f"{f}.num_heads", f"{f}: hidden_size={s.hidden_size}, num_heads={s.num_heads} and "
                                                  f"num_kv_heads={s.num_kv_heads} must divide in turn"))
     return out
@@ -221,9 +225,11 @@ def host_problems(cfg: Config) -> list[Problem]:
                                       f"missing): run `asyncopd prepare` to build the embedded models, or point "
                                       f"{field} at a checkpoint directory"))
     out += _tokenizer_pair(cfg)
-    if cfg.run.resume_from and not Path(cfg.run.resume_from).is_dir():
-        out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} is not a directory: point "
-                                              "it at the checkpoint/ folder of an earlier run"))
+    resume = Path(cfg.run.resume_from) if cfg.run.resume_from else None
+    if resume is not None and not any(resume.glob("learner_state*.pt")):
+        out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} holds no learner state "
+                                              "(learner_state*.pt): point it at the checkpoint/ folder of an earlier "
+                                              "run"))
     return out
 
 

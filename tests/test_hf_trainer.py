@@ -1,4 +1,4 @@
-"""The hf Trainer: the staleness check, the proximal logprobs, weight export, and resume keeping the version."""
+"""The hf trainer: the staleness check, the proximal logprobs, weight export, and resume keeping the version."""
 
 import dataclasses
 
