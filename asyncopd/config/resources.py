@@ -1,4 +1,4 @@
-"""Will this config run, and will it fit? Pure arithmetic behind `asyncopd validate` (no GPUs, stdlib only).
+"""Will this config run, and will it fit? Pure arithmetic behind `asyncopd validate` (no GPUs, no torch).
 
 Shapes follow Hugging Face Llama / Qwen2 / Qwen3 checkpoints; sharding follows Megatron-LM (learner) and SGLang
 (rollout / teacher engines). Estimates are per GPU, in bytes. Vocabulary padding (Megatron pads to a multiple of
@@ -7,6 +7,8 @@ Shapes follow Hugging Face Llama / Qwen2 / Qwen3 checkpoints; sharding follows M
 
 import math
 from dataclasses import dataclass
+
+from asyncopd.core.errors import Problem
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,13 @@ def param_count(arch: Arch) -> int:
     return round(total + embed * (1 if arch.tie_embeddings else 2))
 
 
-@dataclass(frozen=True)
-class LayoutProblem:
-    field: str  # the config field to change, e.g. "learner.tp"
-    message: str  # one sentence naming the field, the numbers and the fix
-
-
 def _tp_ok(arch: Arch, tp: int) -> bool:
     kv = arch.num_kv_heads
     return (arch.num_heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
             and arch.intermediate_size % tp == 0)
 
 
-def check_layout(prefix: str, arch: Arch, tp: int, pp: int = 1) -> list[LayoutProblem]:
+def check_layout(prefix: str, arch: Arch, tp: int, pp: int = 1) -> list[Problem]:
     """Parallel layouts Megatron-LM and SGLang refuse at start-up, found before any GPU is asked for.
 
     Read in megatron-core 0.16.1 (the version pyproject pins) and SGLang's main branch. tp (same rule in both):
@@ -82,19 +78,19 @@ def check_layout(prefix: str, arch: Arch, tp: int, pp: int = 1) -> list[LayoutPr
     problems = []
     field = f"{prefix}.tp"
     if tp < 1:
-        problems.append(LayoutProblem(field, f"{field}={tp} must be >= 1; use {field}=1 for no tensor parallelism"))
+        problems.append(Problem(field, f"{field}={tp} must be >= 1; use {field}=1 for no tensor parallelism"))
     elif not _tp_ok(arch, tp):
         good = [t for t in range(1, arch.num_heads + 1) if _tp_ok(arch, t)]
-        problems.append(LayoutProblem(field, (
+        problems.append(Problem(field, (
             f"{field}={tp} does not fit num_heads={arch.num_heads}, num_kv_heads={arch.num_kv_heads}, "
             f"intermediate_size={arch.intermediate_size} (tp must divide the heads and the MLP width, and divide "
             f"or be a multiple of the KV heads): use {field} in {good}")))
     field = f"{prefix}.pp"
     if pp < 1:
-        problems.append(LayoutProblem(field, f"{field}={pp} must be >= 1; use {field}=1 for no pipeline parallelism"))
+        problems.append(Problem(field, f"{field}={pp} must be >= 1; use {field}=1 for no pipeline parallelism"))
     elif arch.num_layers % pp:
         good = [p for p in range(1, arch.num_layers + 1) if arch.num_layers % p == 0]
-        problems.append(LayoutProblem(field, (
+        problems.append(Problem(field, (
             f"{field}={pp} does not divide num_layers={arch.num_layers}: use {field} in {good}")))
     return problems
 

@@ -1,10 +1,20 @@
 """The errors a user can cause and a role can report, importable from anywhere below the roles."""
 
+from dataclasses import dataclass
+
 
 class ConfigError(ValueError):
     """A config value (or a path, layout or backend combination it names) that cannot work.
 
     The message names the field and the fix; the CLI prints it and exits 2 without a traceback."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing a config cannot do: the field to change and a message naming the values and the fix."""
+
+    field: str  # e.g. "learner.tp"
+    message: str
 
 
 class StalenessViolation(RuntimeError):

@@ -17,6 +17,7 @@ from asyncopd.config.resources import (
     learner_memory,
 )
 from asyncopd.config.schema import Config, ModelSpec
+from asyncopd.core.errors import Problem
 from asyncopd.data.task import max_prompt_tokens
 from asyncopd.data.tokenizer import CharTokenizer
 from asyncopd.learner.backends import LEARNER_BACKENDS
@@ -44,7 +45,7 @@ class Plan:
     roles: list[RolePlan]
     gpus_available: int  # cluster.nodes * cluster.gpus_per_node (0: a CPU machine)
     seq_len: int  # longest prompt + rollout.max_new_tokens
-    problems: list = field(default_factory=list)  # LayoutProblem-likes: .field, .message
+    problems: list[Problem] = field(default_factory=list)
 
 
 def _arch(spec: ModelSpec, path: str) -> tuple[Arch, str, str]:
@@ -103,12 +104,12 @@ def plan(cfg: Config) -> Plan:
     backend = LEARNER_BACKENDS[lr.backend]
     families = backend.families
     if families is not None and s_family not in families:
-        out.problems.append(_Problem("learner.backend", f"learner.backend={lr.backend} trains {sorted(families)} "
+        out.problems.append(Problem("learner.backend", f"learner.backend={lr.backend} trains {sorted(families)} "
                                                         f"checkpoints; the student is {s_family!r} ({s_src}): use "
                                                         "learner=hf or a supported student"))
     if not backend.replicates_kv_heads and student.num_kv_heads % lr.tp and \
             not any(p.field == "learner.tp" for p in layout):
-        out.problems.append(_Problem("learner.tp", f"learner.tp={lr.tp}: the {lr.backend} learner splits the student's "
+        out.problems.append(Problem("learner.tp", f"learner.tp={lr.tp}: the {lr.backend} learner splits the student's "
                                                    f"{student.num_kv_heads} KV heads evenly over tp ranks; use a "
                                                    f"learner.tp that divides {student.num_kv_heads}"))
     out.problems += check_layout("rollout", student, r.tp)
@@ -117,13 +118,7 @@ def plan(cfg: Config) -> Plan:
     return out
 
 
-@dataclass(frozen=True)
-class _Problem:
-    field: str
-    message: str
-
-
-def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_Problem]:
+def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Problem]:
     """GPU totals against the allocation, a GPU per shard, and each role's memory against one GPU."""
     c, out = cfg.cluster, []
     if available <= 0:
@@ -134,15 +129,15 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_P
     for role, name, per, tp in (("rollout", "rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
                                 ("teacher", "teacher.gpus_per_replica", cfg.teacher.gpus_per_replica, cfg.teacher.tp)):
         if on_gpu[role] and per != tp:
-            out.append(_Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
+            out.append(Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
                                       f"per shard; set {name}={tp}"))
     if on_gpu["learner"] and cfg.learner.gpus_per_rank != 1:
-        out.append(_Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
+        out.append(Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
                                                      "cluster: each learner rank drives one GPU; set it to 1"))
     total = sum(p.gpus for p in roles)
     if total > available:
         parts = " + ".join(f"{p.role} {p.gpus:g}" for p in roles)
-        out.append(_Problem("cluster.nodes", f"the roles ask for {parts} = {total:g} GPUs but the allocation has "
+        out.append(Problem("cluster.nodes", f"the roles ask for {parts} = {total:g} GPUs but the allocation has "
                                              f"cluster.nodes x cluster.gpus_per_node = {c.nodes} x {c.gpus_per_node} "
                                              f"= {available}: add nodes or shrink rollout.num_engines, "
                                              "teacher.replicas or the learner's tp x pp x dp"))
@@ -154,7 +149,7 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[_P
                 p.memory.params_bytes + p.memory.kv_cache_bytes / max(p.kv_sequences, 1)
             if need / GIB > c.gpu_memory_gib:
                 fix = f"{p.role}.tp"
-                out.append(_Problem(fix, f"the {p.role} needs ~{need / GIB:.1f} GiB per GPU ({p.layout}) but "
+                out.append(Problem(fix, f"the {p.role} needs ~{need / GIB:.1f} GiB per GPU ({p.layout}) but "
                                          f"cluster.gpu_memory_gib={c.gpu_memory_gib:g}: raise {fix}"
                                          + (" or shrink pipeline.batch_size" if p.role == "learner" else "")))
     return out

@@ -8,23 +8,16 @@ as one ConfigError, which the CLI prints and exits 2 on.
 """
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 from asyncopd.config.schema import Config
-from asyncopd.core.errors import ConfigError
+from asyncopd.core.errors import ConfigError, Problem
 from asyncopd.data.tokenizer import tokenizer_fingerprint
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.backends import LEARNER_BACKENDS
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.teacher.backends import TEACHER_BACKENDS
 from asyncopd.validation.plan import Plan, plan
-
-
-@dataclass(frozen=True)
-class Problem:
-    field: str  # the config field to change
-    message: str  # names the field, the values and the fix
 
 
 def _values(cfg: Config) -> list[tuple[bool, str, str]]:
@@ -178,7 +171,7 @@ def _config_problems(cfg: Config) -> tuple[Plan | None, list[Problem]]:
     # layouts, GPUs and memory need sane sizes and known backends, not a config that can run otherwise
     the_plan = plan(cfg) if known and not any(p.field in _SIZES for p in out) else None
     if the_plan is not None:
-        out += [Problem(p.field, p.message) for p in the_plan.problems]
+        out += the_plan.problems
     return the_plan, out
 
 
