@@ -48,28 +48,33 @@ class Plan:
     problems: list[Problem] = field(default_factory=list)
 
 
+def _spec_of(config_json: dict) -> ModelSpec:
+    """A Hugging Face config.json as the schema's ModelSpec (the fields sizing needs)."""
+    heads = config_json["num_attention_heads"]
+    return ModelSpec(family=config_json.get("model_type", ""), num_layers=config_json["num_hidden_layers"],
+                     hidden_size=config_json["hidden_size"], num_heads=heads,
+                     num_kv_heads=config_json.get("num_key_value_heads") or heads,
+                     intermediate_size=config_json["intermediate_size"], vocab_size=config_json["vocab_size"],
+                     head_dim=config_json.get("head_dim") or 0,
+                     tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
+                     num_experts=config_json.get("num_experts") or 0,
+                     moe_intermediate_size=config_json.get("moe_intermediate_size") or 0)
+
+
 def _arch(spec: ModelSpec, path: str) -> tuple[Arch, str, str]:
     """The shape, source and family of the model at `path` (its config.json) or, when it is not here, of the
     config's spec."""
     cfg_file = Path(path) / "config.json" if path else None
+    source = "config spec"
     if cfg_file is not None and cfg_file.exists():
-        c = json.loads(cfg_file.read_text())
-        family = c.get("model_type", "")
-        heads = c["num_attention_heads"]
-        arch = Arch(num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"], num_heads=heads,
-                    num_kv_heads=c.get("num_key_value_heads") or heads, intermediate_size=c["intermediate_size"],
-                    vocab_size=c["vocab_size"], head_dim=c.get("head_dim") or 0,
-                    tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=family in _QKV_BIAS,
-                    qk_norm=family in _QK_NORM, num_experts=c.get("num_experts") or 0,
-                    moe_intermediate_size=c.get("moe_intermediate_size") or 0)
-        return arch, str(cfg_file), family
-    vocab = spec.vocab_size or CharTokenizer().vocab_size
+        spec, source = _spec_of(json.loads(cfg_file.read_text())), str(cfg_file)
     arch = Arch(num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
-                num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, vocab_size=vocab,
-                head_dim=spec.head_dim, tie_embeddings=spec.tie_embeddings, qkv_bias=spec.family in _QKV_BIAS,
+                num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size,
+                vocab_size=spec.vocab_size or CharTokenizer().vocab_size, head_dim=spec.head_dim,
+                tie_embeddings=spec.tie_embeddings, qkv_bias=spec.family in _QKV_BIAS,
                 qk_norm=spec.family in _QK_NORM, num_experts=spec.num_experts,
                 moe_intermediate_size=spec.moe_intermediate_size)
-    return arch, "config spec", spec.family
+    return arch, source, spec.family
 
 
 def plan(cfg: Config) -> Plan:
