@@ -115,6 +115,12 @@ def _read_vocab(path: str | Path) -> tuple[str, ...]:
     return tuple(inv[i] for i in range(len(ids)))
 
 
+def tokenizer_vocab_size(path: str | Path) -> int:
+    """Ids the tokenizer in ``path`` (a dir or a tokenizer.json) can produce: a model's embedding may have more
+    rows (padding to a multiple of 64 or 128), and those rows are never real tokens."""
+    return len(_read_vocab(path))
+
+
 def tokenizer_fingerprint(path: str | Path) -> str:
     """sha256 (hex, first 16 chars) of the id -> token table, and a BPE model's merges, in ``path`` (a dir or a
     tokenizer.json).
