@@ -58,13 +58,14 @@ def decoder_roundings(config, positions: int) -> int:
     return config.num_hidden_layers * layer + 2 * d
 
 
-def logit_bound(model) -> float:
-    """Bound on sum_i |h_i W_vi| for every logit v: the scale of its rounding errors.
+def logit_bound(model, vocab: int | None = None) -> float:
+    """Bound on sum_i |h_i W_vi| for every logit v < `vocab` (None: every row): the scale of its rounding errors.
 
     h = g * x / rms(x) is the final RMSNorm's output, so ||h|| <= max|g| sqrt(d); Cauchy-Schwarz gives
     sum_i |h_i W_vi| <= ||h|| ||W_v||. Relative errors upstream of the norm reach the logits through this too.
+    Rows past `vocab` (embedding padding, sliced off before the log-softmax) reach no compared value.
     """
-    w = model.get_output_embeddings().weight.detach()
+    w = model.get_output_embeddings().weight.detach()[:vocab]
     gain = model.model.norm.weight.detach().abs().max()
     return float(gain * math.sqrt(w.shape[1]) * w.norm(dim=1).max())
 
@@ -74,15 +75,16 @@ def logit_tol(model, positions: int) -> float:
     return rounding_tol(EPS32, decoder_roundings(model.config, positions), logit_bound(model))
 
 
-def logprob_tol(model, positions: int, temperature: float = 1.0) -> float:
+def logprob_tol(model, positions: int, temperature: float = 1.0, vocab: int | None = None) -> float:
     """float32 log-probs log_softmax(logits / T) of a decoder `model` from two forwards that round differently.
 
     log p_v = z_v - logsumexp(z): both terms carry the logits' error (logsumexp is 1-Lipschitz in the max norm),
     hence 2x; the log-softmax adds V roundings of its own; dividing by T scales every error by 1 / T (T = 0,
-    greedy, reports the plain softmax: pass 1).
+    greedy, reports the plain softmax: pass 1). `vocab`: the log-softmax runs over the first `vocab` ids only
+    (the tokenizer's; None: every row).
     """
-    n = decoder_roundings(model.config, positions) + model.config.vocab_size
-    return 2 * rounding_tol(EPS32, n, logit_bound(model) / temperature)
+    n = decoder_roundings(model.config, positions) + (vocab or model.config.vocab_size)
+    return 2 * rounding_tol(EPS32, n, logit_bound(model, vocab) / temperature)
 
 
 def adam_first_step_tol(grad: torch.Tensor, grad_tol: torch.Tensor | float, lr: float, weight: torch.Tensor,

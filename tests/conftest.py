@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from asyncopd.config.schema import ModelSpec
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.tokenizer import EOS_TOKEN, PAD_TOKEN, VOCAB
 from asyncopd.model.build import build_model, save_checkpoint
 
 TEST_THREADS = int(os.environ.get("ASYNCOPD_TEST_THREADS", "1"))
@@ -22,12 +22,16 @@ TINY_TEACHER = ModelSpec(num_layers=1, hidden_size=48, num_heads=2, num_kv_heads
 TINY_STUDENT = ModelSpec(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=2, intermediate_size=64)
 
 
-def make_artifacts(root: Path, tokenizer: CharTokenizer | None = None) -> Path:
-    """artifacts_dir layout of `asyncopd prepare`: teacher/ and student/ HF checkpoints with the tokenizer."""
-    tok = tokenizer or CharTokenizer()
+def make_artifacts(root: Path, vocab: tuple[str, ...] = VOCAB) -> Path:
+    """artifacts_dir layout of `asyncopd prepare`: teacher/ and student/ HF checkpoints with the tiny tokenizer
+    over ``vocab``, and the task exported as data/train.jsonl and data/val.jsonl."""
+    from asyncopd.config.schema import TaskConfig
+    from asyncopd.data.task import export_task
+
     for name, spec, seed in (("teacher", TINY_TEACHER, 1), ("student", TINY_STUDENT, 2)):
-        model = build_model(spec, tok.vocab_size, seed, tok.pad_token_id, tok.eos_token_id)
-        save_checkpoint(model, tok, root / name)
+        model = build_model(spec, len(vocab), seed, vocab.index(PAD_TOKEN), vocab.index(EOS_TOKEN))
+        save_checkpoint(model, root / name, vocab)
+    export_task(TaskConfig(num_train=2000), root / "data")
     return root
 
 

@@ -59,14 +59,12 @@ def test_embedded_source_uses_checkpoint_logits(tmp_path):
     """Tiny random student/teacher checkpoints stand in for the prepared ones."""
     build = pytest.importorskip("asyncopd.model.build")
     from asyncopd.config.schema import ModelSpec
-    from asyncopd.data.tokenizer import CharTokenizer
+    from asyncopd.data.tokenizer import VOCAB
 
-    tok = CharTokenizer()
     spec = ModelSpec(num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=2, intermediate_size=32)
     for name, seed in (("teacher", 1), ("student", 2)):
-        model = build.build_model(spec, tok.vocab_size, seed, tok.pad_token_id, tok.eos_token_id)
-        build.save_checkpoint(model, tok, tmp_path / name)
+        build.save_checkpoint(build.build_model(spec, len(VOCAB), seed), tmp_path / name)
     rows = run("--source", "embedded", "--quick", "--prompts", "4", "--artifacts-dir", str(tmp_path),
                "--out", str(tmp_path / "out"))
-    assert rows and all(r["source"] == "embedded" and r["vocab"] == tok.vocab_size for r in rows)
+    assert rows and all(r["source"] == "embedded" and r["vocab"] == len(VOCAB) for r in rows)
     assert {r["K"] for r in rows if r["name"] == "sparse_rkl"} == {1, 8}

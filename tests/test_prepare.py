@@ -7,7 +7,7 @@ import torch
 
 from asyncopd.config.schema import Config, ModelSpec
 from asyncopd.data.task import make_problem
-from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
+from asyncopd.data.tokenizer import build_tiny_tokenizer, load_tokenizer, tokenizer_fingerprint
 from asyncopd.model import prepare as prepare_mod
 from asyncopd.model.build import load_model
 from asyncopd.model.evaluate import greedy_accuracy, greedy_eval, score_responses
@@ -47,7 +47,7 @@ def test_tiny_prepare_writes_loadable_checkpoints_and_caches(tmp_path, monkeypat
     assert tokenizer_fingerprint(root / "teacher") == tokenizer_fingerprint(root / "student")
     assert load_model(root / "teacher").config.hidden_size == 32
     # the stored accuracy is the measured one
-    tok = CharTokenizer.load(root / "student")
+    tok = load_tokenizer(root / "student")
     from asyncopd.data.task import test_problems
 
     tests = test_problems(cfg.task)
@@ -112,7 +112,7 @@ def test_load_model_missing_dir_message(tmp_path):
 
 
 def test_score_responses_and_batches():
-    tok = CharTokenizer()
+    tok = build_tiny_tokenizer()
     probs = [make_problem([5, 3], ["+"]), make_problem([9, 4, 2], ["-", "+"])]
     good = [tok.encode(p.response) + [tok.eos_token_id] for p in probs]
     assert score_responses(probs, good, tok) == 1.0

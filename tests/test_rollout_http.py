@@ -327,14 +327,14 @@ def ray_cluster(tmp_path_factory):
 @pytest.mark.e2e
 def test_engine_and_teacher_as_ray_actors(ray_cluster, tmp_path):
     from asyncopd.config.schema import TeacherConfig
-    from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
+    from asyncopd.data.tokenizer import save_tiny_tokenizer, tokenizer_fingerprint
     from asyncopd.rollout.actor import RolloutEngineActor
     from asyncopd.teacher.actor import TeacherActor
     from asyncopd.teacher.client import TeacherClient
 
     ray = ray_cluster
     ckpt = save_tiny(tmp_path / "student", seed=0)
-    CharTokenizer().save(ckpt)
+    save_tiny_tokenizer(ckpt)
     engine = RolloutEngineActor.options(num_cpus=0).remote(str(ckpt), RolloutConfig(threads_per_engine=TEST_THREADS))
     teacher = TeacherActor.options(num_cpus=0).remote(str(ckpt), TeacherConfig(threads=TEST_THREADS))
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from asyncopd.config.schema import Config
 from asyncopd.data.task import max_response_tokens, test_problems
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.tokenizer import load_tokenizer
 from asyncopd.model import prepare as prepare_mod
 from asyncopd.model.build import load_model
 from asyncopd.model.evaluate import greedy_eval
@@ -37,7 +37,7 @@ def test_shipped_accuracy_reproduces_within_near_ties(name):
     cfg = Config()
     rec = shipped_record()[name]
     tests = test_problems(cfg.task)
-    ev = greedy_eval(load_model(SHIPPED_DIR / name), tests, CharTokenizer.load(SHIPPED_DIR / name),
+    ev = greedy_eval(load_model(SHIPPED_DIR / name), tests, load_tokenizer(SHIPPED_DIR / name),
                      max_new_tokens=max_response_tokens(cfg.task))
     ties = max(rec["near_ties"], ev.near_ties())
     assert abs(ev.accuracy - rec["accuracy"]) <= ties / len(tests) + 1e-12

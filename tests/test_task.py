@@ -1,4 +1,4 @@
-"""The arithmetic task, its verifier and the character tokenizer."""
+"""The arithmetic task, its verifier, its export as a dataset, and the tiny models' tokenizer."""
 
 import json
 import random
@@ -6,6 +6,7 @@ import random
 import pytest
 
 from asyncopd.config.schema import TaskConfig
+from asyncopd.core.errors import ConfigError
 from asyncopd.data.task import (
     TrainStream,
     extract_answer,
@@ -14,7 +15,7 @@ from asyncopd.data.task import (
     test_problems,
     verify,
 )
-from asyncopd.data.tokenizer import CharTokenizer, build_hf_tokenizer, tokenizer_fingerprint
+from asyncopd.data.tokenizer import VOCAB, load_tokenizer, save_tiny_tokenizer, tokenizer_fingerprint
 
 
 def test_problem_format_matches_spec():
@@ -90,48 +91,51 @@ def test_bad_task_config_is_named():
         test_problems(TaskConfig(max_value=2, num_test=500, operand_counts=[2], operand_probs=[1.0]))
 
 
-def test_tokenizer_round_trip_and_agreement_with_saved_json(tmp_path):
-    tok = CharTokenizer()
-    assert tok.vocab_size == 19 and tok.pad_token_id == 0 and tok.eos_token_id == 1
-    tok.save(tmp_path)
-    hf = build_hf_tokenizer()
-    from tokenizers import Tokenizer
-
-    saved = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+def test_tiny_tokenizer_is_a_byte_level_bpe_with_one_id_per_character(tmp_path):
+    save_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)  # through transformers.AutoTokenizer, as every role loads it
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert raw["model"]["type"] == "BPE" and raw["pre_tokenizer"]["type"] == "ByteLevel"
+    assert raw["decoder"]["type"] == "ByteLevel" and not raw["model"]["merges"]
+    assert len(tok) == 19 and tok.pad_token_id == 0 and tok.eos_token_id == 1
     rng = random.Random(1)
     for _ in range(200):
         p = sample_problem(rng, TaskConfig())
         text = p.prompt + p.response
-        ids = tok.encode(text)
-        assert saved.encode(text).ids == ids == hf.encode(text).ids
-        assert tok.decode(ids + [tok.eos_token_id]) == text
-        assert saved.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
-    assert saved.encode("<eos>").ids == [tok.eos_token_id]
-    assert tok.decode([tok.eos_token_id, tok.pad_token_id], skip_special_tokens=False) == "<eos><pad>"
-    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
-    assert all(tok.token_to_id[t] == i for t, i in vocab.items())
-    assert CharTokenizer.load(tmp_path).vocab == tok.vocab
-    with pytest.raises(ValueError, match="not in the task vocabulary"):
-        tok.encode("Q:1*2=")
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == [VOCAB.index(c) for c in text]  # the ids the shipped models were trained on
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == text
+    assert tok.decode([tok.eos_token_id, tok.pad_token_id]) == "<eos><pad>"
 
 
-def test_tokenizer_loads_with_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    tok = CharTokenizer()
-    tok.save(tmp_path)
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    text = "Q:38-22+64+9=38-22=16;16+64=80;80+9=89;A:89"
-    assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
-    assert hf.pad_token_id == tok.pad_token_id and hf.eos_token_id == tok.eos_token_id
-    assert hf.decode(tok.encode(text) + [tok.eos_token_id], skip_special_tokens=True) == text
+def test_chat_template_renders_the_task_prompt_and_refuses_a_system_turn(tmp_path):
+    save_tiny_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["chat_template"]  # 4.x and 5.x load it
+    tok = load_tokenizer(tmp_path)
+    for p in test_problems(TaskConfig())[:100]:
+        rendered = tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
+                                           add_generation_prompt=True)
+        assert rendered == p.prompt
+    with pytest.raises(Exception, match="only user and assistant turns, not system"):
+        tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1"}],
+                                tokenize=False)
+
+
+def test_load_tokenizer_names_the_field_on_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.tokenizer_path=.*holds no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="does not load"):
+        load_tokenizer(tmp_path, field="model.tokenizer_path")
 
 
 def test_fingerprint_detects_vocab_differences(tmp_path):
-    CharTokenizer().save(tmp_path / "a")
-    CharTokenizer().save(tmp_path / "b")
-    swapped = list(CharTokenizer().vocab)
+    save_tiny_tokenizer(tmp_path / "a")
+    save_tiny_tokenizer(tmp_path / "b")
+    swapped = list(VOCAB)
     swapped[2], swapped[3] = swapped[3], swapped[2]
-    CharTokenizer(swapped).save(tmp_path / "c")
+    save_tiny_tokenizer(tmp_path / "c", swapped)
     fa = tokenizer_fingerprint(tmp_path / "a")
     assert fa == tokenizer_fingerprint(tmp_path / "b") == tokenizer_fingerprint(tmp_path / "b" / "tokenizer.json")
     assert fa != tokenizer_fingerprint(tmp_path / "c")

@@ -46,10 +46,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from asyncopd.data.tokenizer import CharTokenizer
+    from asyncopd.data.tokenizer import save_tiny_tokenizer
 
     d = save_tiny(tmp_path_factory.mktemp("teacher"), seed=3)
-    CharTokenizer().save(d)
+    save_tiny_tokenizer(d)
     return d
 
 

@@ -116,14 +116,14 @@ def test_user_errors_exit_2_without_a_traceback(args, needle, tmp_path):
 def test_a_tokenizer_mismatch_fails_before_anything_starts(tmp_path):
     """The tokenizer decides, not the embedding rows: both files are named, before Ray or a server starts."""
     from asyncopd.core.errors import ConfigError
-    from asyncopd.data.tokenizer import VOCAB, CharTokenizer
+    from asyncopd.data.tokenizer import VOCAB, save_tiny_tokenizer
     from asyncopd.validation.rules import validate
     from tests._serving_fixtures import save_tiny
 
     teacher, student, same = (save_tiny(tmp_path / name, i) for i, name in enumerate(("t", "s", "same")))
-    CharTokenizer().save(teacher)
-    CharTokenizer().save(same)
-    CharTokenizer([*VOCAB[1:], VOCAB[0]]).save(student)  # the same tokens under other ids
+    save_tiny_tokenizer(teacher)
+    save_tiny_tokenizer(same)
+    save_tiny_tokenizer(student, [*VOCAB[1:], VOCAB[0]])  # the same tokens under other ids
     base = [f"model.teacher_path={teacher}", f"run.dir={tmp_path}/run"]
     validate(compose_config([*base, f"model.student_path={same}"]), host=True)
     with pytest.raises(ConfigError, match="tokenizers differ") as e:

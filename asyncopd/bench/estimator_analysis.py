@@ -104,7 +104,7 @@ def embedded_pair(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]
     """Teacher and student logits at positions of the student's own sampled responses."""
     from asyncopd.config.schema import ModelConfig, TaskConfig
     from asyncopd.data.task import TrainStream
-    from asyncopd.data.tokenizer import CharTokenizer
+    from asyncopd.data.tokenizer import load_tokenizer
     from asyncopd.model.build import load_model
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.model.sampler import KVCacheSampler
@@ -115,14 +115,15 @@ def embedded_pair(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]
     mcfg.teacher_path, mcfg.student_path = args.teacher_path, args.student_path
     mcfg.tokenizer_path = args.student_path
     paths = resolve_model_paths(mcfg)
-    tok = CharTokenizer.load(paths.tokenizer)
+    tok = load_tokenizer(paths.tokenizer)
     student = load_model(paths.student, "model.student_path")
     teacher = load_model(paths.teacher, "model.teacher_path")
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student vocabulary {student.config.vocab_size} != teacher "
                          f"{teacher.config.vocab_size}: the estimators need one vocabulary")
-    prompts = [tok.encode(p.prompt) for p in TrainStream(TaskConfig(), exclude=[]).take(args.prompts)]
-    outs = KVCacheSampler(student, tok.eos_token_id, tok.pad_token_id).generate(
+    problems = TrainStream(TaskConfig(), exclude=[]).take(args.prompts)
+    prompts = tok([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    outs = KVCacheSampler(student, tok.eos_token_id, tok.pad_token_id, len(tok)).generate(
         prompts, max_new_tokens=48, temperature=1.0, seed=args.seed)
     t_rows, s_rows = [], []
     with torch.no_grad():

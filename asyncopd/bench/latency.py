@@ -44,12 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def random_artifacts(model_cfg: ModelConfig, root: Path) -> Path:
     """`asyncopd prepare`'s artifacts layout (teacher/, student/, tokenizer) in the configured shapes, untrained."""
-    from asyncopd.data.tokenizer import CharTokenizer
+    from asyncopd.data.tokenizer import build_tiny_tokenizer
     from asyncopd.model.build import build_model, save_checkpoint
 
-    tok = CharTokenizer()
+    tok = build_tiny_tokenizer()
     for name, spec, seed in (("teacher", model_cfg.teacher, 0), ("student", model_cfg.student, 1)):
-        save_checkpoint(build_model(spec, tok.vocab_size, seed, tok.pad_token_id, tok.eos_token_id), tok, root / name)
+        save_checkpoint(build_model(spec, len(tok), seed, tok.pad_token_id, tok.eos_token_id), root / name)
     return root
 
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from asyncopd.config.ray_cluster import start_ray
     from asyncopd.data.task import test_problems
-    from asyncopd.data.tokenizer import CharTokenizer
+    from asyncopd.data.tokenizer import load_tokenizer
     from asyncopd.learner.group import LearnerGroup
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.pipeline.fleet import Fleet
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             sync = WeightSync(cfg.weights, learner, fleet.engines)
             sync.init_group()
             engine = fleet.engines[0]
-            prompt = CharTokenizer.load(paths.tokenizer).encode(test_problems(cfg.task)[0].prompt)
+            prompt = load_tokenizer(paths.tokenizer).encode(test_problems(cfg.task)[0].prompt, add_special_tokens=False)
 
             def generate() -> list:
                 return engine.generate([prompt], max_new_tokens=1, temperature=cfg.rollout.temperature)

@@ -5,6 +5,7 @@ package), Hydra composes configs/ over it (`asyncopd.config.load`), and `asyncop
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -29,6 +30,24 @@ class TaskConfig:
     num_test: int = 500
     test_seed: int = 1234
     train_seed: int = 5678
+    num_train: int = 20000  # training prompts `asyncopd prepare` exports (the run's stream reshuffles per epoch)
+
+
+@dataclass
+class DataConfig:
+    """Prompt datasets, with verl's keys. No files = the built-in task, exported by `asyncopd prepare` as jsonl
+    and read through the same loader as any user's data."""
+
+    train_files: Any = field(default_factory=list)  # a path or a list: .jsonl, .json, .parquet, save_to_disk dirs
+    val_files: Any = field(default_factory=list)  # empty with train_files set = no evaluation
+    prompt_key: str = "prompt"  # a string (the user turn) or a list of chat messages
+    answer_key: str = "answer"  # the gold answer the verifier checks ("... #### 42", "\\boxed{..}", "42")
+    system_prompt: str = ""  # prepended as a system turn (or as text without a chat template)
+    apply_chat_template: bool | None = None  # None = when the tokenizer has one; true = required
+    max_prompt_length: int = 0  # tokens, template included; 0 = the student's context minus max_new_tokens
+    shuffle: bool = True  # a fresh seeded permutation per epoch
+    seed: int = 0
+    verifier: str = "exact"  # exact | math (math-verify: numeric and symbolic equivalence)
 
 
 @dataclass
@@ -220,7 +239,8 @@ class PipelineConfig:
     batch_size: int = 64
     steps: int = 200
     eval_every: int = 50
-    eval_prompts: int = 500
+    eval_prompts: int = 500  # the first N validation prompts
+    eval_k: int = 0  # avg@k: k samples per prompt at rollout.temperature besides greedy pass@1 (0 = only pass@1)
     seed: int = 0  # rollout sampling: batch s samples with seed * 2**32 + 64 * s (+ engine index)
 
 
@@ -254,6 +274,7 @@ class ClusterConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -69,6 +69,6 @@ class TeacherService(Protocol):
               with_student_topk: bool = False) -> list[TeacherScores]: ...
 
     def model_info(self) -> list[dict]:
-        """One /model_info per replica (vocab_size and tokenizer fingerprint are checked against the student)."""
+        """One /model_info per replica (its tokenizer fingerprint and id count are checked against the student's)."""
 
     def close(self) -> None: ...

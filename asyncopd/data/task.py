@@ -8,9 +8,12 @@ streamed deterministically from ``train_seed``, skipping any prompt of the test 
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from asyncopd.config.schema import TaskConfig
 from asyncopd.core.errors import ConfigError
@@ -26,8 +29,14 @@ class Problem:
     operands: tuple[int, ...] = field(default=())
     ops: tuple[str, ...] = field(default=())
 
-    def as_metadata(self) -> dict:
-        return {"prompt": self.prompt, "answer": self.answer}
+    @property
+    def question(self) -> str:
+        """The prompt without its frame: "38-22+64+9" (the tiny tokenizer's chat template adds "Q:" and "=")."""
+        return self.prompt[len("Q:"):-len("=")]
+
+    def as_row(self) -> dict:
+        """A dataset row with verl's default keys (plus the chain of thought, for SFT users)."""
+        return {"prompt": self.question, "answer": self.answer, "solution": self.response}
 
 
 def max_prompt_tokens(cfg: TaskConfig) -> int:
@@ -124,6 +133,21 @@ class TrainStream:
     def __iter__(self) -> Iterator[Problem]:
         while True:
             yield self._next()
+
+
+def export_task(cfg: TaskConfig, directory: str | Path) -> dict[str, Path]:
+    """Write the task as a dataset like any user's: train.jsonl (``num_train`` prompts of the training stream)
+    and val.jsonl (the test split), each written whole or not at all."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tests = test_problems(cfg)
+    out = {}
+    for name, problems in (("train", TrainStream(cfg, exclude=tests).take(cfg.num_train)), ("val", tests)):
+        path, tmp = d / f"{name}.jsonl", d / f".{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(p.as_row()) + "\n" for p in problems))
+        os.replace(tmp, path)
+        out[name] = path
+    return out
 
 
 def extract_answer(text: str) -> str | None:

@@ -1,17 +1,24 @@
-"""Character-level tokenizer for the arithmetic task, saved as a Hugging Face ``tokenizer.json``.
+"""Tokenizers: any checkpoint's through ``transformers.AutoTokenizer``, and the one the tiny models are built with.
 
-The saved files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) load with
-``transformers.AutoTokenizer.from_pretrained(dir)`` and could sit beside a checkpoint served by SGLang. The
-pipeline itself uses ``CharTokenizer``: a plain dict lookup (much faster than a tokenizer call per string),
-built from the same vocabulary and tested to agree with the saved ``tokenizer.json``.
+The tiny models get a real byte-level BPE tokenizer (``tokenizers``), saved by ``save_pretrained`` with its
+tokenizer_config.json and a chat template, so the demo travels the production path: AutoTokenizer, special
+tokens from the config, ``apply_chat_template``. Its base vocabulary is the task's alphabet and it has no merges,
+so every character is one token with the id the shipped models were trained on (their recipe margins were
+measured on those ids). Characters outside the alphabet have no token and are dropped by ``tokenizers``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from asyncopd.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
@@ -19,80 +26,65 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN)
 CHARS = tuple("0123456789") + tuple("+-=;:QA")
 VOCAB: tuple[str, ...] = SPECIAL_TOKENS + CHARS  # id = index: <pad>=0, <eos>=1, '0'=2, ...
 TOKENIZER_FILE = "tokenizer.json"
+# The task's prompt "Q:38-22+64+9=" is the chat rendering of the question "38-22+64+9"; the tiny models have
+# no system turn, and a template that silently dropped one would train on prompts the user never wrote.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}Q:{{ m['content'] }}="
+    "{%- elif m['role'] == 'assistant' -%}{{ m['content'] }}{{ eos_token }}"
+    "{%- else -%}{{ raise_exception('the tiny task models know only user and assistant turns, not ' + m['role']) }}"
+    "{%- endif -%}{%- endfor -%}"
+)
 
 
-def build_hf_tokenizer(vocab: Sequence[str] = VOCAB):
-    """A ``tokenizers.Tokenizer``: one token per character, special tokens for pad and eos."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def build_tiny_tokenizer(vocab: Sequence[str] = VOCAB) -> PreTrainedTokenizerBase:
+    """The tiny models' tokenizer: byte-level BPE over ``vocab`` (no merges), pad/eos specials, chat template."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    raw = RawTokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                   chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=1024,
+                                   clean_up_tokenization_spaces=False)
+
+
+def save_tiny_tokenizer(directory: str | Path, vocab: Sequence[str] = VOCAB) -> Path:
+    """Write the tiny tokenizer's files into ``directory`` in a form transformers 4.x and 5.x (and so SGLang)
+    both load: the generic fast-tokenizer class, the chat template inside tokenizer_config.json."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    build_tiny_tokenizer(vocab).save_pretrained(str(d))
+    config_file, template_file = d / "tokenizer_config.json", d / "chat_template.jinja"
+    config = json.loads(config_file.read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    template_file.unlink(missing_ok=True)
+    return d
+
+
+def load_tokenizer(path: str | Path, field: str = "model.tokenizer_path") -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(path)`` with a pad token (eos when the checkpoint has none, as Llama's);
+    a clear ConfigError naming ``field`` when the path holds no usable tokenizer."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / TOKENIZER_FILE).is_file() and not (p / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{field}={str(path)!r} holds no tokenizer (tokenizer.json or tokenizer_config.json): "
+                          "point it at a Hugging Face checkpoint directory, or run `asyncopd prepare`")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # transformers raises many types for a broken tokenizer directory
+        raise ConfigError(f"{field}={str(path)!r}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"{field}={str(path)!r}: the tokenizer has no eos token, so a response could never end; "
+                          "set eos_token in its tokenizer_config.json")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     return tok
-
-
-class CharTokenizer:
-    """Fast encode/decode by dict lookup over a fixed character vocabulary."""
-
-    def __init__(self, vocab: Sequence[str] = VOCAB):
-        self.vocab = tuple(vocab)
-        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
-        self.pad_token_id = self.token_to_id[PAD_TOKEN]
-        self.eos_token_id = self.token_to_id[EOS_TOKEN]
-        self.special_ids = frozenset(self.token_to_id[t] for t in SPECIAL_TOKENS)
-        self._decode_table = [("" if i in self.special_ids else t) for i, t in enumerate(self.vocab)]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.token_to_id[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the task vocabulary {''.join(CHARS)!r}") from None
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens:
-            table = self._decode_table
-            return "".join(table[i] for i in ids)
-        return "".join(self.vocab[i] for i in ids)
-
-    def batch_decode(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(ids, skip_special_tokens) for ids in batch]
-
-    # ---- persistence ----
-    def save(self, directory: str | Path) -> Path:
-        """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into ``directory``."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        build_hf_tokenizer(self.vocab).save(str(d / TOKENIZER_FILE))
-        special = {"pad_token": PAD_TOKEN, "eos_token": EOS_TOKEN}
-        (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": 1024,
-            "padding_side": "left",
-            "clean_up_tokenization_spaces": False,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            **special,
-        }
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return d
-
-    @classmethod
-    def load(cls, path: str | Path) -> CharTokenizer:
-        """Load from a directory holding tokenizer.json (or the file itself); checks it is a char vocabulary."""
-        vocab = _read_vocab(path)
-        for t in vocab:
-            if t not in SPECIAL_TOKENS and len(t) != 1:
-                raise ValueError(f"{path}: token {t!r} is not a single character; not a CharTokenizer vocabulary")
-        for t in SPECIAL_TOKENS:
-            if t not in vocab:
-                raise ValueError(f"{path}: special token {t!r} missing from the vocabulary")
-        return cls(vocab)
 
 
 def _tokenizer_json(path: str | Path) -> Path:
@@ -105,7 +97,8 @@ def _tokenizer_json(path: str | Path) -> Path:
 
 def _read_vocab(path: str | Path) -> tuple[str, ...]:
     data = json.loads(_tokenizer_json(path).read_text())
-    table = dict(data["model"]["vocab"])
+    vocab = data["model"]["vocab"]  # BPE, WordLevel, WordPiece: {token: id}; Unigram: [[token, score], ...]
+    table = {t: i for i, (t, _) in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
     for added in data.get("added_tokens", []):
         table[added["content"]] = added["id"]
     ids = sorted(table.values())

@@ -6,13 +6,14 @@ loads with ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and could b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from asyncopd.config.schema import ModelSpec
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.tokenizer import VOCAB, save_tiny_tokenizer
 
 
 def qwen2_config(spec: ModelSpec, vocab_size: int, pad_token_id: int, eos_token_id: int) -> Qwen2Config:
@@ -47,11 +48,12 @@ def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once by parameters()
 
 
-def save_checkpoint(model: Qwen2ForCausalLM, tokenizer: CharTokenizer, directory: str | Path) -> Path:
+def save_checkpoint(model: Qwen2ForCausalLM, directory: str | Path, vocab: Sequence[str] = VOCAB) -> Path:
+    """Weights, config and the tiny tokenizer over ``vocab``: a directory AutoModel/AutoTokenizer/SGLang load."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(d), safe_serialization=True)
-    tokenizer.save(d)
+    save_tiny_tokenizer(d, vocab)
     return d
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from asyncopd.config.schema import PrepareConfig, RolloutConfig
 from asyncopd.data.task import Problem, verify
-from asyncopd.data.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 GenerateFn = Callable[[list[list[int]]], list[list[int]]]  # prompt ids -> output ids (greedy)
 
@@ -28,13 +31,14 @@ TIE_DELTA = 1e-2
 
 
 def score_responses(problems: Sequence[Problem], output_ids_list: Sequence[Sequence[int]],
-                    tokenizer: CharTokenizer) -> float:
+                    tokenizer: PreTrainedTokenizerBase) -> float:
     """Fraction of problems whose decoded output passes the exact-match verifier (special tokens dropped)."""
     if len(problems) != len(output_ids_list):
         raise ValueError(f"score_responses: {len(problems)} problems but {len(output_ids_list)} outputs")
     if not problems:
         return 0.0
-    ok = sum(verify(p, tokenizer.decode(ids)) for p, ids in zip(problems, output_ids_list, strict=True))
+    texts = tokenizer.batch_decode([list(ids) for ids in output_ids_list], skip_special_tokens=True)
+    ok = sum(verify(p, text) for p, text in zip(problems, texts, strict=True))
     return ok / len(problems)
 
 
@@ -51,18 +55,20 @@ class GreedyEval:
         return int((self.min_margin < delta).sum())
 
 
-def greedy_eval(model: torch.nn.Module, problems: Sequence[Problem], tokenizer: CharTokenizer, *,
+def greedy_eval(model: torch.nn.Module, problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, *,
                 batch_size: int = PrepareConfig.eval_batch_size,
                 max_new_tokens: int = RolloutConfig.max_new_tokens) -> GreedyEval:
     """Greedy accuracy of a Hugging Face causal LM (KV-cache sampler, temperature 0) with its margins."""
     from asyncopd.model.sampler import KVCacheSampler
 
-    sampler = KVCacheSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sampler = KVCacheSampler(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             vocab_size=len(tokenizer))  # padded embedding rows are never tokens
     outputs: list[list[int]] = []
     margins: list[float] = []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        for o in sampler.generate([tokenizer.encode(p.prompt) for p in chunk], max_new_tokens=max_new_tokens,
+        prompts = tokenizer([p.prompt for p in chunk], add_special_tokens=False)["input_ids"]
+        for o in sampler.generate(prompts, max_new_tokens=max_new_tokens,
                                   temperature=0.0, top_logprobs_num=2):
             outputs.append(o.output_ids)
             # log-softmax keeps logit differences: the top-2 logprob gap is the logit gap
@@ -72,7 +78,7 @@ def greedy_eval(model: torch.nn.Module, problems: Sequence[Problem], tokenizer: 
 
 
 def greedy_accuracy(model_or_fn: torch.nn.Module | GenerateFn, problems: Sequence[Problem],
-                    tokenizer: CharTokenizer, *, batch_size: int = PrepareConfig.eval_batch_size,
+                    tokenizer: PreTrainedTokenizerBase, *, batch_size: int = PrepareConfig.eval_batch_size,
                     max_new_tokens: int = RolloutConfig.max_new_tokens) -> float:
     """Greedy exact-match accuracy over ``problems``.
 
@@ -85,5 +91,5 @@ def greedy_accuracy(model_or_fn: torch.nn.Module | GenerateFn, problems: Sequenc
     outputs: list[list[int]] = []
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        outputs.extend(model_or_fn([tokenizer.encode(p.prompt) for p in chunk]))
+        outputs.extend(model_or_fn(tokenizer([p.prompt for p in chunk], add_special_tokens=False)["input_ids"]))
     return score_responses(problems, outputs, tokenizer)

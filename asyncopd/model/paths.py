@@ -1,9 +1,12 @@
-"""Where a run finds its teacher, student and tokenizer: explicit paths, else the prepared artifacts."""
+"""Where a run finds its teacher, student, tokenizer and data: explicit paths, else the prepared artifacts."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncopd.config.schema import ModelConfig
+from asyncopd.config.schema import Config, ModelConfig
+from asyncopd.data.dataset import as_list
+
+DATA_DIR = "data"  # under model.artifacts_dir: the built-in task as a dataset (train.jsonl, val.jsonl)
 
 
 @dataclass(frozen=True)
@@ -29,3 +32,13 @@ def resolve_model_paths(cfg: ModelConfig, must_exist: bool = True) -> ModelPaths
                     f"{field} at a checkpoint directory"
                 )
     return paths
+
+
+def resolve_data_files(cfg: Config) -> tuple[list[str], list[str]]:
+    """(train files, val files): `data.train_files` / `data.val_files`, else the prepared task's export. User
+    train files without val files mean no evaluation."""
+    train, val = as_list(cfg.data.train_files), as_list(cfg.data.val_files)
+    if train:
+        return train, val
+    root = Path(cfg.model.artifacts_dir) / DATA_DIR
+    return [str(root / "train.jsonl")], val or [str(root / "val.jsonl")]

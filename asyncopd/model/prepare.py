@@ -4,6 +4,7 @@ Layout of ``model.artifacts_dir``::
 
     teacher/        Hugging Face checkpoint (config.json, model.safetensors, tokenizer files)
     student/        same
+    data/           the task as a dataset (train.jsonl, val.jsonl) that runs read like any user's files
     prepare.json    config hash, accuracies and their near-tie bounds, weight sha256s, wall times, ...
 
 A second call with the same relevant config (task, both model shapes, the recipe) finds prepare.json and
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from asyncopd.data.task import TrainStream, max_response_tokens, test_problems
-from asyncopd.data.tokenizer import CharTokenizer, tokenizer_fingerprint
+from asyncopd.data.task import TrainStream, export_task, max_response_tokens, test_problems
+from asyncopd.data.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer, load_tokenizer, tokenizer_fingerprint
 from asyncopd.model.build import build_model, load_model, num_parameters, save_checkpoint
 from asyncopd.model.evaluate import GreedyEval, greedy_eval
+from asyncopd.model.paths import DATA_DIR
 from asyncopd.model.sft import train_sft
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,9 +67,11 @@ def prepare_hash(cfg: Config) -> str:
     """Hash of everything that determines the prepared models (threads excluded: speed only)."""
     prep = dataclasses.asdict(cfg.model.prepare)
     prep.pop("threads", None)
+    task = dataclasses.asdict(cfg.task)
+    task.pop("num_train", None)  # how many prompts the exported dataset holds; SFT streams its own
     blob = {
         "recipe_version": RECIPE_VERSION,
-        "task": dataclasses.asdict(cfg.task),
+        "task": task,
         "teacher": {k: getattr(cfg.model.teacher, k) for k in BUILT_FROM},
         "student": {k: getattr(cfg.model.student, k) for k in BUILT_FROM},
         "prepare": prep,
@@ -76,7 +80,14 @@ def prepare_hash(cfg: Config) -> str:
 
 
 def _is_checkpoint(d: Path) -> bool:
-    return (d / "config.json").exists() and any(d.glob("*.safetensors")) and (d / "tokenizer.json").exists()
+    """Weights, config and today's tokenizer files: artifacts from before the chat template would render
+    prompts without the task's frame, so they are installed again rather than used."""
+    if not ((d / "config.json").exists() and any(d.glob("*.safetensors")) and (d / "tokenizer.json").exists()):
+        return False
+    try:
+        return json.loads((d / "tokenizer_config.json").read_text()).get("chat_template") == CHAT_TEMPLATE
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def cached_prepare(cfg: Config) -> dict | None:
@@ -111,13 +122,22 @@ def _swap_in(root: Path, name: str, write) -> None:
 
 def run_prepare(cfg: Config, *, progress: bool = True, force: bool = False,
                 shipped: Path | None = SHIPPED_DIR) -> dict:
-    """Find cached, install shipped, or build tokenizer, teacher and student under ``cfg.model.artifacts_dir``.
+    """Find cached, install shipped, or build tokenizer, teacher and student under ``cfg.model.artifacts_dir``,
+    and export the task as the dataset runs read (``data/train.jsonl``, ``data/val.jsonl``).
 
     Returns the prepare.json record (``"cached": True`` on a cache hit; ``"source"`` says "shipped" or
     "trained"). ``force`` trains from scratch even when cached or shipped models match the config. Raises
     PrepareError if the teacher stays below ``model.prepare.min_teacher_accuracy`` or shipped models fail
     their check.
     """
+    info = _prepare_models(cfg, progress, force, shipped)
+    files = export_task(cfg.task, Path(cfg.model.artifacts_dir) / DATA_DIR)
+    if progress and not info["cached"]:
+        print(f"prepare: exported the task as {files['train']} and {files['val']}", flush=True)
+    return info
+
+
+def _prepare_models(cfg: Config, progress: bool, force: bool, shipped: Path | None) -> dict:
     if not force:
         hit = cached_prepare(cfg)
         if hit is not None:
@@ -176,7 +196,7 @@ def install_shipped(cfg: Config, src: Path, progress: bool = True) -> dict:
     root = Path(cfg.model.artifacts_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / PREPARE_FILE).unlink(missing_ok=True)
-    tok = CharTokenizer.load(src / "student")
+    tok = load_tokenizer(src / "student", field="shipped student")
     tests = test_problems(cfg.task)
     here = {}
     for name in ("teacher", "student"):
@@ -212,7 +232,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
     root = Path(cfg.model.artifacts_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / PREPARE_FILE).unlink(missing_ok=True)  # a half-built directory must never look cached
-    tok = CharTokenizer()
+    tok = build_tiny_tokenizer()
     tests = test_problems(cfg.task)
     max_new = max_response_tokens(cfg.task)  # any well-formed response fits; longer ones are wrong
 
@@ -248,7 +268,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
         return res.steps, ev, res.wall_s - eval_s, eval_s
 
     # ---- teacher: cosine schedule over teacher_steps; if short of the bar, a low constant rate until it is ----
-    teacher = build_model(cfg.model.teacher, tok.vocab_size, p.seed, tok.pad_token_id, tok.eos_token_id)
+    teacher = build_model(cfg.model.teacher, len(tok), p.seed, tok.pad_token_id, tok.eos_token_id)
     stream = TrainStream(cfg.task, exclude=tests)
     res = train_sft(teacher, stream, tok, steps=p.teacher_steps, batch_size=p.teacher_batch_size, lr=p.teacher_lr,
                     warmup_steps=p.warmup_steps, weight_decay=p.weight_decay, desc="prepare teacher",
@@ -273,7 +293,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
             f"(now {p.teacher_steps}) or model.prepare.teacher_extra_steps, or use a larger model.teacher", t_acc)
 
     # ---- student: same data stream from its start, constant rate, stopped once it reaches the target ----
-    student = build_model(cfg.model.student, tok.vocab_size, p.seed + 1, tok.pad_token_id, tok.eos_token_id)
+    student = build_model(cfg.model.student, len(tok), p.seed + 1, tok.pad_token_id, tok.eos_token_id)
     s_steps, s_ev, s_train, s_eval = train_until(
         student, TrainStream(cfg.task, exclude=tests), max_steps=p.student_max_steps, first_eval=p.student_min_steps,
         every=p.student_eval_every, target=p.student_stop_accuracy, batch_size=p.student_batch_size,
@@ -293,7 +313,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
 
     # ---- write: checkpoints into temp dirs, swapped in, prepare.json last ----
     for name, model in (("teacher", teacher), ("student", student)):
-        _swap_in(root, name, lambda tmp, model=model: save_checkpoint(model, tok, tmp))
+        _swap_in(root, name, lambda tmp, model=model: save_checkpoint(model, tmp))
     fp_t, fp_s = tokenizer_fingerprint(root / "teacher"), tokenizer_fingerprint(root / "student")
     assert fp_t == fp_s
     sha = {name: _sha256(root / name / WEIGHTS_FILE) for name in ("teacher", "student")}
@@ -301,7 +321,7 @@ def _build(cfg: Config, progress: bool, shipped: dict | None) -> dict:
         "config_hash": prepare_hash(cfg),
         "recipe_version": RECIPE_VERSION,
         "tokenizer_fingerprint": fp_t,
-        "vocab_size": tok.vocab_size,
+        "vocab_size": len(tok),
         "num_test": len(tests),
         "threads": p.threads,
         "teacher": {

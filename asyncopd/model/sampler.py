@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from asyncopd.model.scorer import token_vocab
+
 if TYPE_CHECKING:  # pragma: no cover
     import transformers
 
@@ -74,10 +76,14 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float = 1
 class KVCacheSampler:
     """Batched sampling with a KV cache; see the module docstring and ``generate``."""
 
-    def __init__(self, model: transformers.PreTrainedModel, eos_token_id: int, pad_token_id: int):
+    def __init__(self, model: transformers.PreTrainedModel, eos_token_id: int, pad_token_id: int,
+                 vocab_size: int | None = None):
+        """`vocab_size`: the tokenizer's id count; embedding rows past it (padding) are sliced off the logits, so
+        they are never sampled and every reported distribution is over real tokens. None = every row."""
         self.model = model
         self.eos_token_id = int(eos_token_id)
         self.pad_token_id = int(pad_token_id)
+        self.vocab_size = token_vocab(model, vocab_size)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +127,7 @@ class KVCacheSampler:
             gen.manual_seed(int(seed))
         greedy = temperature <= 0
         draws = max(1, mc_samples)
-        vocab = int(self.model.config.vocab_size)
+        vocab = self.vocab_size
         k_top = min(int(top_logprobs_num), vocab)
 
         # ---- left-padded prompt batch; attention mask for prompt + all new tokens, built once ----
@@ -159,7 +165,7 @@ class KVCacheSampler:
 
         steps = 0
         for t in range(max_new_tokens):
-            logp = sampling_logprobs(logits, temperature, top_p, top_k)
+            logp = sampling_logprobs(logits[:, :vocab], temperature, top_p, top_k)
             if greedy:
                 tok = logp.argmax(dim=-1, keepdim=True)
             else:
@@ -222,7 +228,7 @@ class KVCacheSampler:
     def _validate(self, prompts, max_new_tokens, temperature, top_p, top_logprobs_num, mc_samples) -> None:
         if not isinstance(prompts, (list, tuple)):
             raise ValueError("prompts must be a list of token-id lists")
-        vocab = int(self.model.config.vocab_size)
+        vocab = self.vocab_size
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token id")

@@ -4,6 +4,11 @@ For sequence i with ids x[0..L) and score start s (the prompt length), response 
 token x[s + t] and is predicted by the logits at index s + t - 1. For every such position we return
 the teacher's top-k (ids, logprobs; descending), the logprob of the actual token, and optionally
 the logprobs of M query ids per position (the student's Monte Carlo samples).
+
+Every distribution is over the first `vocab_size` ids only (the tokenizer's): rows a checkpoint pads its
+embedding with are sliced off the logits before the log-softmax. Slicing, not masking to -inf, because it is
+exact (a -inf row adds an exact 0 to the softmax sum, so both give the same distribution) and cheaper: the
+log-softmax and top-k run over fewer columns and nothing is written.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ class ScoreResult:
     offsets: np.ndarray  # int64 [N + 1]
 
 
+def token_vocab(model, vocab_size: int | None) -> int:
+    """Ids to score or sample: the tokenizer's `vocab_size` (None: every embedding row), at most the rows."""
+    rows = int(model.config.vocab_size)
+    return rows if vocab_size is None else min(int(vocab_size), rows)
+
+
 def _split_model(model):
     """(decoder returning hidden states, output head) of a Hugging Face causal LM."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
@@ -40,9 +51,12 @@ def _split_model(model):
 @torch.no_grad()
 def score_sequences(model, sequences: Sequence[Sequence[int] | np.ndarray], score_starts: Sequence[int],
                     top_k: int, query_ids: np.ndarray | None = None, *, temperature: float = 1.0,
-                    max_tokens_per_forward: int = TeacherConfig.max_tokens_per_forward,
+                    vocab_size: int | None = None, max_tokens_per_forward: int = TeacherConfig.max_tokens_per_forward,
                     positions_per_chunk: int = 4096) -> ScoreResult:
     """Score `sequences` (ids) from `score_starts[i]` on. `query_ids` is int [sumT, M] or None.
+
+    `vocab_size`: the tokenizer's id count (padded embedding rows past it are never scored); None = every row.
+    Scored tokens and query ids must be below it.
 
     Sequences are right-padded into micro-batches of at most `max_tokens_per_forward` padded tokens;
     the output head and log-softmax run on the scored positions only, `positions_per_chunk` at a time.
@@ -65,7 +79,7 @@ def score_sequences(model, sequences: Sequence[Sequence[int] | np.ndarray], scor
     base, head = _split_model(model)
     param = next(model.parameters())
     device = param.device
-    vocab = int(model.config.vocab_size)
+    vocab = token_vocab(model, vocab_size)
     k = min(int(top_k), vocab)
     topk_ids = np.zeros((total, k), dtype=np.int32)
     topk_lp = np.zeros((total, k), dtype=np.float32)
@@ -96,7 +110,7 @@ def score_sequences(model, sequences: Sequence[Sequence[int] | np.ndarray], scor
             for c0 in range(0, b_idx.shape[0], positions_per_chunk):
                 c1 = min(c0 + positions_per_chunk, b_idx.shape[0])
                 h = hidden[b_idx[c0:c1].to(device), p_idx[c0:c1].to(device)]
-                logits = head(h).float()
+                logits = head(h)[:, :vocab].float()
                 if temperature != 1.0:
                     logits = logits / temperature
                 lp = torch.log_softmax(logits, dim=-1)

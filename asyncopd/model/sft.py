@@ -6,20 +6,24 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from asyncopd.data.task import Problem, TrainStream
-from asyncopd.data.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
-def encode_sequences(problems: Sequence[Problem], tokenizer: CharTokenizer) -> list[tuple[list[int], int]]:
-    """(prompt + response + eos ids, prompt length) per problem."""
-    out = []
-    for p in problems:
-        prompt = tokenizer.encode(p.prompt)
-        out.append((prompt + tokenizer.encode(p.response) + [tokenizer.eos_token_id], len(prompt)))
-    return out
+def encode_sequences(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase
+                     ) -> list[tuple[list[int], int]]:
+    """(prompt + response + eos ids, prompt length) per problem (one batched tokenizer call per side)."""
+    if not problems:
+        return []
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([p.response for p in problems], add_special_tokens=False)["input_ids"]
+    return [(q + r + [tokenizer.eos_token_id], len(q)) for q, r in zip(prompts, responses, strict=True)]
 
 
 def pad_batch(seqs: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +42,7 @@ def pad_batch(seqs: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch
     return ids, labels
 
 
-def encode_batch(problems: Sequence[Problem], tokenizer: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
     """One right-padded batch (see ``pad_batch``)."""
     return pad_batch(encode_sequences(problems, tokenizer), tokenizer.pad_token_id)
 
@@ -75,7 +79,7 @@ def length_buckets(lengths: Sequence[int], max_buckets: int) -> list[list[int]]:
     return groups
 
 
-def encode_bucketed(problems: Sequence[Problem], tokenizer: CharTokenizer, max_buckets: int = 3
+def encode_bucketed(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, max_buckets: int = 3
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The batch as up to ``max_buckets`` right-padded micro-batches of similar length."""
     seqs = encode_sequences(problems, tokenizer)
@@ -107,7 +111,7 @@ class SFTResult:
     stream_position: int
 
 
-def train_sft(model: torch.nn.Module, stream: TrainStream, tokenizer: CharTokenizer, *, steps: int,
+def train_sft(model: torch.nn.Module, stream: TrainStream, tokenizer: PreTrainedTokenizerBase, *, steps: int,
               batch_size: int, lr: float, warmup_steps: int, weight_decay: float = 0.0,
               final_lr_frac: float = 0.0, grad_clip: float = 1.0, desc: str = "sft",
               progress: bool = True, max_buckets: int = 3,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -15,6 +14,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from asyncopd.data.tokenizer import TOKENIZER_FILE, tokenizer_fingerprint, tokenizer_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +152,18 @@ class HttpService:
         self._server.stop()
 
 
-def tokenizer_fingerprint_of(path: str | Path) -> str:
-    """The vocabulary fingerprint the pipeline compares between teacher and student.
+def vocabulary_card(model_path: str | Path, rows: int) -> dict[str, Any]:
+    """The vocabulary fields of /model_info for a checkpoint at `model_path` with `rows` embedding rows.
 
-    Uses the data package's `tokenizer_fingerprint` when present; otherwise a hash of tokenizer.json.
-    Empty string when the checkpoint has no tokenizer files.
+    `tokenizer_vocab_size` counts the ids its tokenizer can produce: a checkpoint may pad its embedding past them
+    (Qwen3: 151669 tokens, 151936 rows), and teacher and student may pad differently, so the pipeline pairs them
+    by `tokenizer_fingerprint` and that count, never by rows. Without tokenizer files (bare test models) every
+    row counts as a token and the fingerprint is "", which the pipeline refuses to pair.
     """
-    tok = Path(path) / "tokenizer.json"
-    if not tok.is_file():
-        return ""
-    try:
-        from asyncopd.data.tokenizer import tokenizer_fingerprint
-    except ImportError:
-        return hashlib.sha256(tok.read_bytes()).hexdigest()[:16]
-    return str(tokenizer_fingerprint(str(path)))
+    if not model_path or not (Path(model_path) / TOKENIZER_FILE).is_file():
+        return {"vocab_size": rows, "tokenizer_vocab_size": rows, "tokenizer_fingerprint": ""}
+    return {"vocab_size": rows, "tokenizer_vocab_size": tokenizer_vocab_size(model_path),
+            "tokenizer_fingerprint": tokenizer_fingerprint(model_path)}
 
 
 def model_card(model_path: str | Path, model) -> dict[str, Any]:
@@ -172,8 +171,7 @@ def model_card(model_path: str | Path, model) -> dict[str, Any]:
     cfg = model.config
     return {
         "model_path": str(model_path),
-        "vocab_size": int(cfg.vocab_size),
-        "tokenizer_fingerprint": tokenizer_fingerprint_of(model_path) if model_path else "",
+        **vocabulary_card(model_path, int(cfg.vocab_size)),
         "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", 0) or 0),
         "architectures": list(getattr(cfg, "architectures", None) or []),
     }

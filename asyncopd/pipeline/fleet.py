@@ -11,6 +11,7 @@ from asyncopd.core.errors import ConfigError
 from asyncopd.core.protocols import TeacherService
 from asyncopd.core.types import Rollout
 from asyncopd.model.paths import ModelPaths
+from asyncopd.net.server import vocabulary_card
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.rollout.client import SGLangClient
 from asyncopd.teacher.backends import TEACHER_BACKENDS
@@ -18,6 +19,47 @@ from asyncopd.teacher.backends import TEACHER_BACKENDS
 
 class VocabularyMismatch(ConfigError):
     """Teacher and student checkpoints with different tokenizers (a user error: exit 2)."""
+
+
+_VOCAB_KEYS = ("vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint")
+_FIX = ("On-policy distillation needs one shared tokenizer: set model.teacher_path/model.student_path to a pair "
+        "built with the same tokenizer.")
+
+
+def vocabulary_of(info: dict) -> dict:
+    """A server's /model_info with its vocabulary fields; stock SGLang's has none, so they are read from its
+    model_path on this machine (where resolve_model_paths found the checkpoint)."""
+    if all(k in info for k in _VOCAB_KEYS):
+        return info
+    path = info.get("model_path") or ""
+    config = Path(path) / "config.json"
+    rows = json.loads(config.read_text()).get("vocab_size") if path and config.is_file() else None
+    card = vocabulary_card(path, int(rows or 0))
+    if not rows:  # no row count to check the tokenizer against (SGLang checks it when it loads the model)
+        card["vocab_size"] = card["tokenizer_vocab_size"]
+    return {**info, **card}
+
+
+def check_vocabulary_pair(student: dict, teacher: dict) -> None:
+    """Teacher and student /model_info may pair when their tokenizers are one (same non-empty fingerprint, same
+    id count) and each model has an embedding row for every id; their rows may differ (padding), because the
+    servers score and sample the tokenizer's ids only. Raises VocabularyMismatch naming both paths."""
+    s, t = vocabulary_of(student), vocabulary_of(teacher)
+
+    def describe(role: str, c: dict) -> str:
+        fp = c["tokenizer_fingerprint"] or "none: no tokenizer.json"
+        return f"{role} {c.get('model_path')!r} (fingerprint {fp}, {c['tokenizer_vocab_size']} ids)"
+
+    if (not s["tokenizer_fingerprint"] or s["tokenizer_fingerprint"] != t["tokenizer_fingerprint"]
+            or s["tokenizer_vocab_size"] != t["tokenizer_vocab_size"]):
+        raise VocabularyMismatch(f"teacher and student tokenizers differ: {describe('student', s)} vs "
+                                 f"{describe('teacher', t)}. {_FIX}")
+    for role, c in (("student", s), ("teacher", t)):
+        if c["tokenizer_vocab_size"] > c["vocab_size"]:
+            raise VocabularyMismatch(
+                f"{describe(role, c)} has {c['vocab_size']} embedding rows, fewer than its tokenizer's ids, so some "
+                f"tokens have no embedding (student {s.get('model_path')!r}, teacher {t.get('model_path')!r}). "
+                f"Point model.{role}_path at a checkpoint whose embedding covers its tokenizer.")
 
 
 class Fleet:
@@ -51,16 +93,7 @@ class Fleet:
 
     def check_vocabularies(self) -> None:
         """Refuse to distil across tokenizers: teacher scores index the student's vocabulary."""
-        student = self.engines[0].model_info()
-        info = self.teacher.model_info()[0]  # replicas are checked to agree
-        for key in ("vocab_size", "tokenizer_fingerprint"):
-            if student.get(key) != info.get(key):
-                raise VocabularyMismatch(
-                    f"teacher and student disagree on {key}: student {student.get(key)!r} "
-                    f"({student.get('model_path')}) vs teacher {info.get(key)!r} ({info.get('model_path')}). "
-                    "On-policy distillation needs one shared tokenizer: set model.teacher_path/"
-                    "model.student_path to a pair built with the same tokenizer."
-                )
+        check_vocabulary_pair(self.engines[0].model_info(), self.teacher.model_info()[0])  # replicas agree
 
     def generate(self, prompts: list[list[int]], *, temperature: float | None = None, mc_samples: int = 0,
                  student_top_k: int = 0, seed: int | None = None) -> list[Rollout]:

@@ -1,6 +1,6 @@
 """The OPD loop: from a prompt to a gradient, in one file.
 
-      prompts (batch s = problems [s*B, (s+1)*B))
+      prompts (batch s = stream positions [s*B, (s+1)*B): data.seed's permutation of the train files)
          |
          v            admission: batch s starts only while s - version <= pipeline.max_staleness
     generate(s)  -- Fleet: B prompts split over the engines, SGLang /generate over HTTP --> Rollout x B
@@ -30,11 +30,9 @@ import numpy as np
 from asyncopd.config.schema import Config
 from asyncopd.core.protocols import LearnerHandle
 from asyncopd.core.types import Rollout, StepResult, TeacherScores
-from asyncopd.data.task import TrainStream
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.dataset import PromptStream, Sample
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.collate import collate
-from asyncopd.model.evaluate import score_responses
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.pipeline.scheduler import StageTimes, run_stages
 from asyncopd.weights.sync import WeightSync
@@ -46,11 +44,13 @@ class OPDLoop:
     """The three stage functions the scheduler drives, and the running totals the summary reports."""
 
     def __init__(self, cfg: Config, fleet: Fleet, learner: LearnerHandle, sync: WeightSync,
-                 tokenizer: CharTokenizer, on_step: StepHook, start: int = 0):
+                 tokenizer, samples: list[Sample], verifier: Callable[[str, str], bool], on_step: StepHook,
+                 start: int = 0):
         self.cfg, self.fleet, self.learner, self.sync, self.tokenizer = cfg, fleet, learner, sync, tokenizer
-        self.on_step = on_step
-        # batch s gets problems [s*B, (s+1)*B): the same data in every mode, and after a resume
-        self.stream = TrainStream(cfg.task, start=start * cfg.pipeline.batch_size)
+        self.verifier, self.on_step = verifier, on_step
+        # batch s gets stream positions [s*B, (s+1)*B): the same data in every mode, and after a resume
+        self.stream = PromptStream(samples, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                                   start=start * cfg.pipeline.batch_size)
         self.req = build_estimator(cfg.estimator).requirements(cfg.estimator)  # what to fetch, nothing more
         self.history: list[dict[str, float]] = []
         self.staleness: Counter = Counter()
@@ -59,14 +59,14 @@ class OPDLoop:
 
     def generate(self, s: int) -> list[Rollout]:
         B = self.cfg.pipeline.batch_size
-        problems = self.stream.take(B)
-        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        samples = self.stream.take(B)
+        prompts = [list(x.prompt_ids) for x in samples]
         # batch s samples with its own seed: a run is reproducible per batch, and pipeline.seed picks the run
         rollouts = self.fleet.generate(prompts, mc_samples=self.req.mc_samples, student_top_k=self.req.student_top_k,
                                        seed=self.cfg.pipeline.seed * 2**32 + s * 64)
-        for i, (r, p) in enumerate(zip(rollouts, problems, strict=True)):
+        for i, (r, x) in enumerate(zip(rollouts, samples, strict=True)):
             r.ticket = s * B + i
-            r.metadata["problem"] = p
+            r.metadata["answer"] = x.answer
         return rollouts
 
     def score(self, s: int, rollouts: list[Rollout]) -> list[tuple[Rollout, TeacherScores]]:
@@ -89,8 +89,7 @@ class OPDLoop:
             **result.metrics,
             "weights/sync_s": sync_s,
             "rollout/response_len": float(np.mean([r.num_tokens for r in rollouts])),
-            "rollout/sample_accuracy": score_responses(
-                [r.metadata["problem"] for r in rollouts], [r.response_ids for r in rollouts], self.tokenizer),
+            "rollout/sample_accuracy": self.sample_accuracy(rollouts),
             "teacher/bytes_per_token": sum(sc.nbytes for _, sc in pairs) / max(batch.est.mask.sum().item(), 1),
             "throughput/samples_per_s": self.samples / elapsed,
             "throughput/tokens_per_s": self.tokens / elapsed,
@@ -99,6 +98,11 @@ class OPDLoop:
         }
         self.history.append({"step": s, **metrics})
         self.on_step(s, metrics, Counter(lags))
+
+    def sample_accuracy(self, rollouts: list[Rollout]) -> float:
+        """Share of the batch's sampled responses the verifier accepts (the reward a user would watch)."""
+        texts = self.tokenizer.batch_decode([r.response_ids.tolist() for r in rollouts], skip_special_tokens=True)
+        return float(np.mean([self.verifier(t, r.metadata["answer"]) for t, r in zip(texts, rollouts, strict=True)]))
 
 
 def train(loop: OPDLoop, start: int, after_step: Callable[[int, StageTimes], None]) -> StageTimes:

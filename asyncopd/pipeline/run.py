@@ -1,7 +1,10 @@
 """An OPD run around the loop: start Ray, the fleet, the teacher and the learner, resume, evaluate, summarise,
 and tear it all down. The loop itself (prompt -> gradient) is pipeline/loop.py."""
 
+import json
+import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -14,11 +17,11 @@ from asyncopd.config.ray_cluster import start_ray
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.protocols import LearnerHandle
-from asyncopd.data.task import test_problems
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.dataset import PromptSet, Sample, load_prompts
+from asyncopd.data.tokenizer import load_tokenizer
+from asyncopd.data.verifiers import avg_at_k, build_verifier
 from asyncopd.learner.group import LearnerGroup
-from asyncopd.model.evaluate import greedy_accuracy
-from asyncopd.model.paths import resolve_model_paths
+from asyncopd.model.paths import ModelPaths, resolve_data_files, resolve_model_paths
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.pipeline.loop import OPDLoop, train
 from asyncopd.pipeline.run_logger import RunLogger
@@ -36,13 +39,54 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def evaluate_student(fleet: Fleet, tokenizer: CharTokenizer, problems) -> float:
-    """Greedy test accuracy of whatever weights the rollout fleet holds now."""
+log = logging.getLogger(__name__)
+EVAL_SEED = 2**31  # avg@k samples: above every training batch's seed offset (64 * step)
 
-    def generate(prompts: list[list[int]]) -> list[list[int]]:
-        return [r.response_ids.tolist() for r in fleet.generate(prompts, temperature=0.0)]
 
-    return greedy_accuracy(generate, problems, tokenizer, batch_size=len(problems))
+def prompt_budget(cfg: Config, paths: ModelPaths) -> int:
+    """`data.max_prompt_length`, or what the student's context leaves after `rollout.max_new_tokens`."""
+    if cfg.data.max_prompt_length:
+        return cfg.data.max_prompt_length
+    context = json.loads((Path(paths.student) / "config.json").read_text()).get("max_position_embeddings", 0)
+    budget = context - cfg.rollout.max_new_tokens
+    if budget <= 0:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                          f"student's {context}-token context: lower it or set data.max_prompt_length")
+    return budget
+
+
+def load_data(cfg: Config, paths: ModelPaths, tokenizer) -> tuple[PromptSet, PromptSet | None]:
+    """Train and val prompts, rendered and tokenized once, before anything starts: bad data costs nothing."""
+    train_files, val_files = resolve_data_files(cfg)
+    kw = {"tokenizer_path": paths.tokenizer, "max_prompt_length": prompt_budget(cfg, paths)}
+    train = load_prompts(train_files, cfg.data, tokenizer, field="data.train_files", **kw)
+    val = load_prompts(val_files, cfg.data, tokenizer, field="data.val_files", **kw) if val_files else None
+    for name, s in (("train", train), ("val", val)):
+        if s is not None and cfg.run.progress:
+            print(f"data: {len(s.samples)} {name} prompts from {', '.join(s.files)}"
+                  + (f" ({s.dropped_long} longer than {s.max_prompt_length} tokens dropped)" if s.dropped_long else ""),
+                  flush=True)
+    return train, val
+
+
+def evaluate_student(fleet: Fleet, tokenizer, samples: list[Sample], verifier: Callable[[str, str], bool], k: int,
+                     seed: int) -> dict[str, float]:
+    """pass@1 (greedy) and, for k > 0, avg@k and pass@k over k samples at the rollout temperature, of whatever
+    weights the rollout fleet holds now."""
+
+    def correct(prompts: list[list[int]], answers: list[str], **kw) -> list[bool]:
+        outs = fleet.generate(prompts, **kw)
+        texts = tokenizer.batch_decode([r.response_ids.tolist() for r in outs], skip_special_tokens=True)
+        return [verifier(t, a) for t, a in zip(texts, answers, strict=True)]
+
+    prompts, answers = [list(s.prompt_ids) for s in samples], [s.answer for s in samples]
+    out = {"eval/pass@1": float(np.mean(correct(prompts, answers, temperature=0.0)))}
+    if k:
+        flat = correct([p for p in prompts for _ in range(k)], [a for a in answers for _ in range(k)], seed=seed)
+        per_prompt = [flat[i:i + k] for i in range(0, len(flat), k)]
+        out[f"eval/avg@{k}"] = avg_at_k(per_prompt)
+        out[f"eval/pass@{k}"] = float(np.mean([any(c) for c in per_prompt]))
+    return out
 
 
 def resume(cfg: Config, learner: LearnerHandle, sync: WeightSync) -> int:
@@ -64,8 +108,10 @@ def run_training(cfg: Config) -> dict:
     """The whole run; returns the summary (also written to run_dir/summary.json)."""
     validate(cfg, host=True)  # this machine can run it: modules, CUDA, checkpoints, before anything starts
     paths = resolve_model_paths(cfg.model)
+    tokenizer = load_tokenizer(paths.tokenizer)
+    verifier = build_verifier(cfg.data.verifier)
+    train_set, val_set = load_data(cfg, paths, tokenizer)
     run_dir = make_run_dir(cfg)
-    tokenizer = CharTokenizer.load(paths.tokenizer)
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
     # the learner's processes start (imports, model load) while the fleet loads, not after it
@@ -81,12 +127,23 @@ def run_training(cfg: Config) -> dict:
                           pause_engines=ROLLOUT_BACKENDS[cfg.rollout.backend].pause_for_weight_update)
         sync.init_group()
         start = resume(cfg, learner, sync)
-        problems = test_problems(cfg.task)[: cfg.pipeline.eval_prompts]
-        acc0 = evaluate_student(fleet, tokenizer, problems)
-        logger.scalars(start, {"eval/accuracy": acc0})
-        loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, logger.step, start)
-        evals = [(start, acc0)]
+        val = val_set.samples[: cfg.pipeline.eval_prompts] if val_set else []
+        evals: list[tuple[int, dict[str, float]]] = []
         eval_time = 0.0
+
+        def evaluate(step: int) -> float:
+            """Evaluate, log, and return the seconds it took (mid-run ones are not training time)."""
+            if not val:
+                return 0.0
+            t0 = time.perf_counter()
+            metrics = evaluate_student(fleet, tokenizer, val, verifier, cfg.pipeline.eval_k,
+                                       cfg.pipeline.seed * 2**32 + EVAL_SEED)
+            evals.append((step, metrics))
+            logger.scalars(step, metrics)
+            return time.perf_counter() - t0
+
+        evaluate(start)
+        loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, train_set.samples, verifier, logger.step, start)
         checkpoint = str(run_dir / "checkpoint")
 
         def after_step(s: int, times: StageTimes) -> None:
@@ -96,20 +153,16 @@ def run_training(cfg: Config) -> dict:
             logger.scalars(s, {"time/rollout_s": times.rollout[i], "time/teacher_s": times.teacher[i],
                                "time/learner_s": times.learner[i]})
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
-                t0 = time.perf_counter()
-                acc = evaluate_student(fleet, tokenizer, problems)
-                eval_time += time.perf_counter() - t0
-                evals.append((step, acc))
-                logger.scalars(step, {"eval/accuracy": acc})
+                eval_time += evaluate(step)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
                 learner.save(checkpoint)
 
         times = train(loop, start, after_step)
-        final = evaluate_student(fleet, tokenizer, problems)
-        evals.append((cfg.pipeline.steps, final))
-        logger.scalars(cfg.pipeline.steps, {"eval/accuracy": final})
+        evaluate(cfg.pipeline.steps)
         learner.save(checkpoint)
-        summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy)
+        builtin = not (cfg.data.train_files or cfg.data.val_files)  # the teacher was measured on the task's val
+        summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy if builtin else None,
+                           {"train": train_set.summary(), "val": val_set.summary() if val_set else None})
         print(logger.summary(summary))
         return summary
     finally:
@@ -127,10 +180,11 @@ def run_training(cfg: Config) -> dict:
 
 
 def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, loop: OPDLoop,
-             evals: list[tuple[int, float]], teacher_accuracy: float | None) -> dict:
+             evals: list[tuple[int, dict[str, float]]], teacher_accuracy: float | None, data: dict) -> dict:
     train_wall = times.wall_s - eval_time
     per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}
     last = loop.history[-1] if loop.history else {}
+    first, final = (evals[0][1]["eval/pass@1"], evals[-1][1]["eval/pass@1"]) if evals else (None, None)
     return {
         "run_dir": str(run_dir),
         "estimator": cfg.estimator.name,
@@ -146,11 +200,14 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, lo
         "ideal_speedup": times.ideal_speedup(),
         "staleness_histogram": dict(sorted(loop.staleness.items())),
         "max_observed_staleness": max(loop.staleness) if loop.staleness else 0,
-        "initial_accuracy": evals[0][1],
-        "final_accuracy": evals[-1][1],
+        "data": data,
+        "verifier": cfg.data.verifier,
+        "initial_accuracy": first,
+        "final_accuracy": final,
+        "final_eval": evals[-1][1] if evals else None,
         "teacher_accuracy": teacher_accuracy,
-        "gap_closed": _gap_closed(evals[0][1], evals[-1][1], teacher_accuracy),
-        "accuracy_curve": evals,
+        "gap_closed": None if first is None else _gap_closed(first, final, teacher_accuracy),
+        "accuracy_curve": [(step, m["eval/pass@1"]) for step, m in evals],
         "final_loss": last.get("loss"),
     }
 

@@ -28,7 +28,7 @@ class RunLogger:
         self.scalars(step, values)
         if self.writer is not None and staleness:
             self.writer.add_histogram("staleness/histogram", _expand(self.staleness), step, bins="auto")
-        shown = {k: values[k] for k in ("loss", "kl", "eval/accuracy", "throughput/samples_per_s") if k in values}
+        shown = {k: values[k] for k in ("loss", "kl", "eval/pass@1", "throughput/samples_per_s") if k in values}
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(1)
 

@@ -24,7 +24,7 @@ import torch
 
 from asyncopd.config.schema import RolloutConfig
 from asyncopd.model.sampler import GenerationOutput, KVCacheSampler
-from asyncopd.model.scorer import score_sequences
+from asyncopd.model.scorer import score_sequences, token_vocab
 from asyncopd.net.server import ApiError, model_card
 from asyncopd.rollout.client import SGLANG_GROUP_NAME
 from asyncopd.weights.broadcast import recv_bucket, str_to_dtype
@@ -96,10 +96,11 @@ class RolloutEngine:
             raise ValueError(f"{model_path or 'model'}: config has no eos_token_id; pass eos_token_id=")
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
         self.eos_token_id, self.pad_token_id = int(eos), int(eos if pad is None else pad)
-        self.sampler = KVCacheSampler(self.model, self.eos_token_id, self.pad_token_id)
         self.model_path = model_path
         self.card = model_card(model_path, model)
-        self.vocab_size = self.card["vocab_size"]
+        # ids the engine reads and emits: the tokenizer's; padded embedding rows are never sampled nor scored
+        self.vocab_size = token_vocab(model, self.card["tokenizer_vocab_size"])
+        self.sampler = KVCacheSampler(self.model, self.eos_token_id, self.pad_token_id, self.vocab_size)
         self.max_len = self.card["max_position_embeddings"]
         self.group_timeout_s = group_timeout_s
         # name -> parameter (tied weights appear under every name, e.g. lm_head.weight and embed_tokens).
@@ -263,7 +264,8 @@ class RolloutEngine:
     def _score(self, seqs, starts, top_k, queries, temperature, guard):
         """One scoring forward, between decode steps like any other forward (same weights lock)."""
         with guard():
-            return score_sequences(self.model, seqs, starts, top_k, queries, temperature=temperature)
+            return score_sequences(self.model, seqs, starts, top_k, queries, temperature=temperature,
+                                   vocab_size=self.vocab_size)
 
     def generate(self, req: dict) -> dict | list[dict]:
         t0 = time.perf_counter()

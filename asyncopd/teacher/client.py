@@ -51,7 +51,7 @@ class TeacherClient:
     def model_info(self) -> list[dict]:
         """Every replica's /model_info; raises if the replicas disagree on vocabulary or tokenizer."""
         infos = [r.get_json("/model_info") for r in self.replicas]
-        keys = ("vocab_size", "tokenizer_fingerprint")
+        keys = ("vocab_size", "tokenizer_vocab_size", "tokenizer_fingerprint")
         for r, info in zip(self.replicas[1:], infos[1:], strict=True):
             if any(info.get(k) != infos[0].get(k) for k in keys):
                 raise ServerError(f"teacher replicas disagree: {self.replicas[0].base_url} has "

@@ -18,7 +18,7 @@ from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from asyncopd.config.schema import TeacherConfig
-from asyncopd.model.scorer import score_sequences
+from asyncopd.model.scorer import score_sequences, token_vocab
 from asyncopd.net.server import ApiError, HttpService, check_bind, make_app, model_card
 from asyncopd.teacher import wire
 
@@ -44,7 +44,7 @@ class TeacherServer(HttpService):
         check_bind(host, api_key, "teacher")
         self.model = model.eval()
         self.card = model_card(model_path, model)
-        self.vocab_size = self.card["vocab_size"]
+        self.vocab_size = token_vocab(model, self.card["tokenizer_vocab_size"])  # padded rows are no tokens
         self.max_len = self.card["max_position_embeddings"]
         self.max_tokens_per_forward = max_tokens_per_forward
         self._forward_lock = threading.Lock()  # one forward at a time: CPU threads are the budget
@@ -85,7 +85,7 @@ class TeacherServer(HttpService):
             raise ApiError(f"/score: a sequence of {int(lengths.max())} tokens exceeds the teacher's "
                            f"max_position_embeddings = {self.max_len}")
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise ApiError(f"/score: input_ids must be in [0, {self.vocab_size}) (the teacher's vocabulary)")
+            raise ApiError(f"/score: input_ids must be in [0, {self.vocab_size}) (the teacher tokenizer's vocabulary)")
         total = int((lengths - starts).sum())
         if query is not None:
             if query.shape[0] != total:
@@ -100,7 +100,7 @@ class TeacherServer(HttpService):
         seqs, starts, query, top_k, wire_dtype = self.parse(body)
         t0 = time.perf_counter()
         with self._forward_lock:
-            res = score_sequences(self.model, seqs, starts, top_k, query,
+            res = score_sequences(self.model, seqs, starts, top_k, query, vocab_size=self.vocab_size,
                                   max_tokens_per_forward=self.max_tokens_per_forward)
             dt = time.perf_counter() - t0
             self.stats["requests"] += 1

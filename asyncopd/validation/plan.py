@@ -19,7 +19,7 @@ from asyncopd.config.resources import (
 from asyncopd.config.schema import Config, ModelSpec
 from asyncopd.core.errors import Problem
 from asyncopd.data.task import max_prompt_tokens
-from asyncopd.data.tokenizer import CharTokenizer
+from asyncopd.data.tokenizer import VOCAB
 from asyncopd.learner.backends import LEARNER_BACKENDS
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.teacher.backends import TEACHER_BACKENDS
@@ -70,7 +70,7 @@ def _arch(spec: ModelSpec, path: str) -> tuple[Arch, str, str]:
         spec, source = _spec_of(json.loads(cfg_file.read_text())), str(cfg_file)
     arch = Arch(num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
                 num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size,
-                vocab_size=spec.vocab_size or CharTokenizer().vocab_size, head_dim=spec.head_dim,
+                vocab_size=spec.vocab_size or len(VOCAB), head_dim=spec.head_dim,
                 tie_embeddings=spec.tie_embeddings, qkv_bias=spec.family in _QKV_BIAS,
                 qk_norm=spec.family in _QK_NORM, num_experts=spec.num_experts,
                 moe_intermediate_size=spec.moe_intermediate_size)

@@ -12,9 +12,12 @@ from pathlib import Path
 
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError, Problem
+from asyncopd.data.dataset import as_list
 from asyncopd.data.tokenizer import tokenizer_fingerprint
+from asyncopd.data.verifiers import VERIFIERS
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.backends import LEARNER_BACKENDS
+from asyncopd.model.paths import resolve_data_files
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.teacher.backends import TEACHER_BACKENDS
 from asyncopd.validation.plan import Plan, plan
@@ -22,10 +25,18 @@ from asyncopd.validation.plan import Plan, plan
 
 def _values(cfg: Config) -> list[tuple[bool, str, str]]:
     """(ok, field, message) for every single-value rule."""
-    p, r, t, lr, w, task, prep = (cfg.pipeline, cfg.rollout, cfg.teacher, cfg.learner, cfg.weights, cfg.task,
-                                  cfg.model.prepare)
+    p, r, t, lr, w, task, prep, d = (cfg.pipeline, cfg.rollout, cfg.teacher, cfg.learner, cfg.weights, cfg.task,
+                                     cfg.model.prepare, cfg.data)
     lo_hi = list(prep.student_accuracy_range)
     return [
+        (d.verifier in VERIFIERS, "data.verifier", f"data.verifier={d.verifier!r} is unknown: use one of "
+         f"{sorted(VERIFIERS)}"),
+        (bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key",
+         "data.prompt_key and data.answer_key must name the dataset's columns (got empty)"),
+        (d.max_prompt_length >= 0, "data.max_prompt_length", f"data.max_prompt_length must be >= 0 (got "
+         f"{d.max_prompt_length}); 0 = the student's context minus rollout.max_new_tokens"),
+        (p.eval_k >= 0, "pipeline.eval_k", f"pipeline.eval_k must be >= 0 (got {p.eval_k}); 0 = pass@1 only"),
+        (task.num_train >= 1, "task.num_train", f"task.num_train must be >= 1 (got {task.num_train})"),
         (p.max_staleness >= 0, "pipeline.max_staleness", f"pipeline.max_staleness must be >= 0 (got "
          f"{p.max_staleness}); use pipeline.max_staleness=0 for strict synchronous training"),
         (p.batch_size >= 1, "pipeline.batch_size", f"pipeline.batch_size must be >= 1 (got {p.batch_size})"),
@@ -218,6 +229,10 @@ def host_problems(cfg: Config) -> list[Problem]:
                                       f"missing): run `asyncopd prepare` to build the embedded models, or point "
                                       f"{field} at a checkpoint directory"))
     out += _tokenizer_pair(cfg)
+    builtin = "" if as_list(cfg.data.train_files) else (": run `asyncopd prepare` to export the built-in task, "
+                                                       "or set data.train_files to your dataset")
+    for field, files in zip(("data.train_files", "data.val_files"), resolve_data_files(cfg), strict=True):
+        out += [Problem(field, f"{field}: {f} does not exist{builtin}") for f in files if not Path(f).exists()]
     resume = Path(cfg.run.resume_from) if cfg.run.resume_from else None
     if resume is not None and not any(resume.glob("learner_state*.pt")):
         out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} holds no learner state "
