@@ -1,6 +1,8 @@
 """Final-answer extraction, the exact and math verifiers (in worker threads too), and pass@k / avg@k."""
 
 import itertools
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -72,7 +74,6 @@ def test_exact_match(response, gold, same):
     ("#### 72 dollars", "#### 72", True),
     ("hello", "olleh", False),  # words are not products of one-letter symbols
     ("\\boxed{\\text{yes}}", "yes", False),  # math-verify parses nothing from the words: exact_match decides
-    ("9^{9^{9^{9}}}", "5", False),  # too large to evaluate: left to exact_match, answered at once
 ])
 def test_math_equal(response, gold, same):
     assert math_equal(response, gold) is same
@@ -85,20 +86,36 @@ def test_math_equal_never_raises_on_weird_input(response, gold):
     assert math_equal(response, gold) is False
 
 
+def _in_thread(fn, timeout_s: float = 60.0) -> dict:
+    """Run ``fn`` (which fills the dict it is given) in a worker thread; fail if it has not returned in time."""
+    results: dict = {}
+    thread = threading.Thread(target=fn, args=(results,), daemon=True)  # daemon: a hung one does not block exit
+    thread.start()
+    thread.join(timeout=timeout_s)
+    assert not thread.is_alive(), "math_equal hung"
+    return results
+
+
+def test_math_equal_answers_at_once_for_answers_too_large_to_evaluate():
+    # without timeouts, comparing 9^(9^(9^9)) with sympy would run for hours inside a big-integer power that holds
+    # the GIL (no thread can time it out): a size guard hands it to exact_match. A subprocess, so a hang fails here
+    code = ("from asyncopd.data.verifiers import math_equal\n"
+            "print(math_equal('9^{9^{9^{9}}}', '5'), math_equal('\\\\boxed{10^{10^{10}}}', '10^{10^{10}}'))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("math_equal hung on a power tower")
+    assert done.stdout.split() == ["False", "True"], done.stderr  # unequal: at once; equal strings still match
+
+
 def test_math_equal_works_in_a_worker_thread():
     # math-verify's default timeouts call signal.alarm, which raises outside the main thread (and would be caught
     # as a wrong answer): the verifier must turn them off
-    results = {}
-
-    def work():
+    def work(results):
         results["equal"] = math_equal("The answer is 0.5", "\\frac{1}{2}")
         results["different"] = math_equal("0.5", "0.25")
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    assert results == {"equal": True, "different": False}
+    assert _in_thread(work) == {"equal": True, "different": False}
 
 
 def test_build_verifier():

@@ -123,7 +123,7 @@ def _parse(text: str) -> list:
     for candidate in candidates:
         found = parse(candidate, parsing_timeout=None)
         if any(isinstance(f, (Basic, MatrixBase)) for f in found):
-            return found
+            return found if all(_tame(f) for f in found) else []
     return []
 
 
@@ -170,6 +170,5 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         raise ValueError(f"pass_at_k needs n >= 0, c >= 0 and k >= 1, got n={n}, c={c}, k={k}")
     if k > n or c > n:
         raise ValueError(f"pass_at_k needs k <= n and c <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0  # every k-subset holds a correct sample
+    # when n - c < k (every k-subset holds a correct sample) the factor i = k is exactly 0: the result is 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
