@@ -137,3 +137,20 @@ def test_stream_permutes_each_epoch_and_resumes_exactly():
     assert [s.answer for s in PromptStream(samples, seed=4, shuffle=True).take(10)] != first[:10]
     assert [s.answer for s in PromptStream(samples, seed=3, shuffle=False).take(12)] == \
         [str(i) for i in range(10)] + ["0", "1"]
+
+
+def test_verl_parquet_with_chat_messages_and_a_nested_answer(tmp_path, tok, tok_dir):
+    """verl's preprocessed GSM8K: `prompt` is a message list, the gold answer sits at reward_model.ground_truth."""
+    import datasets
+
+    rows = [{"data_source": "gsm8k", "prompt": [{"role": "user", "content": r["question"]}],
+             "reward_model": {"style": "rule", "ground_truth": r["answer"].split("#### ")[1]}} for r in ROWS]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "verl.parquet"))
+    cfg = DataConfig(prompt_key="prompt", answer_key="reward_model.ground_truth")
+    got = load_prompts([str(tmp_path / "verl.parquet")], cfg, tok, tokenizer_path=str(tok_dir), max_prompt_length=64,
+                       field="data.train_files")
+    assert [tok.decode(s.prompt_ids) for s in got.samples] == [f"Q:{r['question']}=" for r in ROWS]
+    assert [s.answer for s in got.samples] == ["17", "26", "24", "98"]
+    with pytest.raises(ConfigError, match=r"no field 'truth' inside 'reward_model'"):
+        load_prompts([str(tmp_path / "verl.parquet")], DataConfig(answer_key="reward_model.truth"), tok,
+                     tokenizer_path=str(tok_dir), max_prompt_length=64, field="data.train_files")

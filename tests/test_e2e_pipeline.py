@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from asyncopd.config.ray_cluster import start_ray
 from asyncopd.config.schema import ClusterConfig, TaskConfig
 from asyncopd.core.errors import ConfigError
-from asyncopd.data.tokenizer import VOCAB
+from asyncopd.data.tokenizer import VOCAB, load_tokenizer, tokenizer_fingerprint
 from asyncopd.model.build import build_model, save_checkpoint
 from asyncopd.pipeline.run import run_training
 from asyncopd.validation import load_config
@@ -64,6 +64,9 @@ def test_run_trains_and_logs(tiny_artifacts, tmp_path, k):
     assert (tmp_path / "config.yaml").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
     assert (tmp_path / "checkpoint" / "config.json").exists()
+    # the saved student is a whole checkpoint: its tokenizer travels with it (servable, same ids counted)
+    assert tokenizer_fingerprint(tmp_path / "checkpoint") == tokenizer_fingerprint(tiny_artifacts / "student")
+    assert load_tokenizer(tmp_path / "checkpoint").chat_template is not None
 
 
 def test_vocabulary_mismatch_stops_before_training(tmp_path):

@@ -1,16 +1,20 @@
 """Teacher and student may pad their embeddings past the shared tokenizer's ids (Qwen3: 151669 tokens, 151936 rows)
-and pad them differently: padded rows never reach a score or a sample, and the pair check goes by the tokenizer.
+and pad them differently: padded rows never reach a score, a sample or the learner's log pi, and the pair check goes
+by the tokenizer.
 
 The padded models here make every padded logit far larger than any real one, so a server that let padded rows
-into its log-softmax would put them at the top of every top-k and sample them at almost every step."""
+into its log-softmax would put them at the top of every top-k and sample them at almost every step, and a learner
+that let them in would put almost all of pi's mass on them."""
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
-from asyncopd.config.schema import Config
+from asyncopd.config.schema import Config, LearnerConfig
 from asyncopd.core.types import Rollout
 from asyncopd.data.tokenizer import VOCAB as TOKENS
 from asyncopd.data.tokenizer import build_tiny_tokenizer
@@ -21,9 +25,12 @@ from asyncopd.rollout.client import SGLangClient
 from asyncopd.rollout.engine import RolloutEngine
 from asyncopd.rollout.http_server import RolloutServer
 from asyncopd.teacher.client import TeacherClient
+from asyncopd.teacher.router import TeacherRouter
 from asyncopd.teacher.server import TeacherServer
+from tests._learner_fixtures import ESTIMATOR, learner_config, make_batch, make_trainer
 from tests._serving_fixtures import VOCAB, tiny_model
-from tests._tolerances import logprob_tol
+from tests._tolerances import FP32_ESTIMATOR, logit_tol, logprob_tol
+from tests.conftest import TEST_THREADS
 
 HIDDEN = 32  # tests._families: hidden_size
 ROWS = VOCAB + 2 * HIDDEN  # one padded row per signed unit vector of the hidden space
@@ -43,6 +50,14 @@ def padded_model(seed: int) -> torch.nn.Module:
         eye = torch.eye(HIDDEN) * c
         w[VOCAB:] = torch.stack([eye, -eye], 1).reshape(2 * HIDDEN, HIDDEN)
     return model
+
+
+def unpadded_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` without its padded rows: the same real rows and every other weight, VOCAB embedding rows."""
+    twin = tiny_model(0)  # VOCAB rows; every weight is overwritten below
+    twin.load_state_dict({name: t[:VOCAB] if name.endswith(("embed_tokens.weight", "lm_head.weight")) else t
+                          for name, t in model.state_dict().items()})
+    return twin
 
 
 def checkpoint(path: Path, model: torch.nn.Module | None, tokens: tuple[str, ...] | None = TOKENS) -> Path:
@@ -70,7 +85,8 @@ def ckpts(tmp_path_factory, teacher) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab")
     return {"teacher": checkpoint(root / "teacher", teacher), "student": checkpoint(root / "student", None),
             "other": checkpoint(root / "other", tiny_model(2, vocab_size=VOCAB + 1), (*TOKENS, "*")),
-            "bare": checkpoint(root / "bare", None, tokens=None)}
+            "bare": checkpoint(root / "bare", None, tokens=None),
+            "unpadded": checkpoint(root / "unpadded", unpadded_twin(teacher), tokens=None)}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +184,7 @@ def test_engine_never_samples_a_padded_id(teacher, padded_engine, temperature):
 
 
 def _fleet(student_url: str, teacher_url: str) -> Fleet:
-    return Fleet(Config(), [], [SGLangClient(student_url)], TeacherClient(teacher_url), None)
+    return Fleet(Config(), [], [SGLangClient(student_url)], TeacherRouter({"default": TeacherClient(teacher_url)}), None)
 
 
 def test_vocabulary_check_pairs_by_tokenizer_not_rows(ckpts, teacher_server):
@@ -206,3 +222,104 @@ def test_vocabulary_check_rules(ckpts):
         check_vocabulary_pair(sglang["student"], sglang["other"])
     with pytest.raises(VocabularyMismatch, match="no tokenizer.json"):
         check_vocabulary_pair(sglang["student"], sglang["bare"])
+
+
+# ---- the learner: the padded model as the student it trains ---------------------------------------------------
+
+def _padded_row_grads(trainer, learner: LearnerConfig) -> list[torch.Tensor]:
+    """This rank's gradients of every embedding / output row past the tokenizer's ids (megatron: its vocabulary
+    shard, whose rows past the checkpoint's are megatron's own TP padding)."""
+    module = trainer.model.module
+    if learner.backend == "hf":
+        return [p.grad[VOCAB:] for p in {module.get_input_embeddings().weight, module.get_output_embeddings().weight}]
+    params = dict(module.named_parameters())
+    shards = [params[n] for n in ("embedding.word_embeddings.weight", "output_layer.weight") if n in params]
+    start = trainer.model.tp_rank * shards[0].shape[0]  # the shard's first global id
+    return [p.grad[max(0, VOCAB - start):] for p in shards]
+
+
+def check_padded_learner(padded: str, unpadded: str, learner: LearnerConfig) -> None:
+    """One train_step of the padded student, on this rank (collective calls in the same order on every rank)."""
+    from asyncopd.model.build import load_model
+
+    hf = load_model(padded)
+    before = hf.get_input_embeddings().weight.detach()
+    trainer = make_trainer(learner, ESTIMATOR, padded, max_staleness=0)
+    twin = make_trainer(learner_config(), ESTIMATOR, unpadded, max_staleness=0)  # no tokenizer: every row counts
+    try:
+        assert trainer.model.vocab_size == twin.model.vocab_size == VOCAB
+        batch = make_batch()
+        L = batch.input_ids.shape[1]
+
+        # 1. log pi at every response token (what the ratios and decoupled PPO read) is a log-softmax over the real
+        # rows. float32, derived: the learner's right-padded batch (megatron: GPTModel, TP partial sums) vs one HF
+        # forward of each row, then a log-softmax over the VOCAB = 19 real logits (logprob_tol). A padded row in
+        # the softmax puts almost all mass on itself: every logprob moves by about C (> 100).
+        got = trainer.prox_logprobs(trainer.model.to_device(batch)).cpu()
+        tol = logprob_tol(hf, L, vocab=VOCAB)
+        for i in range(batch.input_ids.shape[0]):
+            n, t = int(batch.attention_mask[i].sum()), int(batch.est.mask[i].sum())
+            ids = batch.input_ids[i, :n].tolist()
+            want = real_logprobs(hf, ids)[n - t - 1:n - 1].gather(1, torch.tensor(ids[n - t:])[:, None])[:, 0]
+            torch.testing.assert_close(got[i, :t].double(), want, atol=tol, rtol=0)
+
+        # 2. the loss is the unpadded twin's: padded rows cannot change it. The same math over the same 19 real
+        # logits; those differ by the forwards' roundings only (the lm_head over 83 vs 19 rows; megatron: another
+        # implementation), and forward KL is 2-Lipschitz in them, plus the estimator's own roundings.
+        loss = trainer.train_step(make_batch()).metrics["loss"]
+        expected = twin.train_step(make_batch()).metrics["loss"]
+        assert loss == pytest.approx(expected, rel=0, abs=2 * logit_tol(hf, L) + FP32_ESTIMATOR)
+
+        # 3. the loss gives the padded rows exactly no gradient (a sliced-off column's gradient is a written 0,
+        # and no input id is padded), while the real rows learn
+        for g in _padded_row_grads(trainer, learner):
+            assert g.numel() and not g.any()
+        assert any(p.grad.any() for p in trainer.model.module.parameters())
+
+        # 4. the export keeps every HF row: the padded ones as loaded (a zero gradient and no weight decay make a
+        # zero AdamW update, exactly), the real ones trained
+        weights = {name: t for bucket in trainer.named_weights_for_rollout(1 << 20) for name, t in bucket}
+        emb = weights["model.embed_tokens.weight"]
+        assert emb.shape == before.shape == (ROWS, HIDDEN)
+        assert torch.equal(emb[VOCAB:], before[VOCAB:]) and not torch.equal(emb[:VOCAB], before[:VOCAB])
+    finally:
+        trainer.close()
+        twin.close()
+
+
+def test_padded_student_in_the_learner_needs_the_slice(ckpts):
+    """The premise of the learner tests: over every row, the padded student puts a padded id first everywhere."""
+    from asyncopd.model.build import load_model
+
+    with torch.no_grad():
+        logits = load_model(ckpts["teacher"])(input_ids=make_batch().input_ids).logits
+    assert (logits.argmax(-1) >= VOCAB).all()
+
+
+def test_hf_learner_trains_over_the_tokenizer_ids_only(ckpts):
+    check_padded_learner(str(ckpts["teacher"]), str(ckpts["unpadded"]), learner_config())
+
+
+# vocab_divisible_by 8: 83 rows pad to 96 at TP=2, so both vocabulary shards hold padded HF rows (huge logits)
+MEGATRON = dict(backend="megatron", vocab_divisible_by=8)
+
+
+def test_megatron_learner_tp1_trains_over_the_tokenizer_ids_only(ckpts):
+    pytest.importorskip("megatron.core")
+    assert not dist.is_initialized()
+    check_padded_learner(str(ckpts["teacher"]), str(ckpts["unpadded"]), learner_config(**MEGATRON, tp=1))
+
+
+def _tp2_worker(rank: int, init_file: str, padded: str, unpadded: str) -> None:
+    torch.set_num_threads(TEST_THREADS)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        check_padded_learner(padded, unpadded, learner_config(**MEGATRON, tp=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_megatron_learner_tp2_trains_over_the_tokenizer_ids_only(ckpts, tmp_path):
+    pytest.importorskip("megatron.core")
+    torch.multiprocessing.spawn(_tp2_worker, nprocs=2, args=(tempfile.mktemp(dir=tmp_path), str(ckpts["teacher"]),
+                                                             str(ckpts["unpadded"])))

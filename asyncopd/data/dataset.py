@@ -115,6 +115,22 @@ def read_rows(path: str, field: str):
     return ds
 
 
+def column(ds, key: str, name: str, path: str) -> list:
+    """The values of column ``key``, or of a field nested in a struct column with a dotted key (verl's parquet
+    keeps the gold answer at ``reward_model.ground_truth``); ConfigError naming ``name`` and the columns."""
+    head, *rest = key.split(".") if key not in ds.column_names else (key,)
+    if head not in ds.column_names:
+        raise ConfigError(f"{name}={key!r} is not a column of {path}; its columns are {ds.column_names}: set {name} "
+                          "to one of them (a dotted key reaches into a nested field)")
+    values = ds[head]
+    for part in rest:
+        try:
+            values = [v[part] for v in values]
+        except (KeyError, TypeError, IndexError):
+            raise ConfigError(f"{name}={key!r}: {path} has no field {part!r} inside {head!r} in every row") from None
+    return values
+
+
 def load_prompts(files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
                  tokenizer_path: str, max_prompt_length: int, field: str) -> PromptSet:
     """Every row of ``files`` (in order) as a Sample, dropping and counting prompts over ``max_prompt_length``
@@ -124,11 +140,8 @@ def load_prompts(files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTo
     rows = dropped = 0
     for path in files:
         ds = read_rows(path, field)
-        for key, name in ((data.prompt_key, "data.prompt_key"), (data.answer_key, "data.answer_key")):
-            if key not in ds.column_names:
-                raise ConfigError(f"{name}={key!r} is not a column of {path}; its columns are {ds.column_names}: "
-                                  f"set {name} to the right one")
-        prompts, answers = ds[data.prompt_key], ds[data.answer_key]
+        prompts = column(ds, data.prompt_key, "data.prompt_key", path)
+        answers = column(ds, data.answer_key, "data.answer_key", path)
         texts = []
         for i, prompt in enumerate(prompts):
             try:

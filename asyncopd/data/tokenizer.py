@@ -66,6 +66,20 @@ def save_tiny_tokenizer(directory: str | Path, vocab: Sequence[str] = VOCAB) -> 
     return d
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """Put ``src``'s tokenizer (and generation defaults) beside weights saved in ``dst``, so a saved student is a
+    whole checkpoint: servable, and counted over the same ids as the model it came from."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
 def load_tokenizer(path: str | Path, field: str = "model.tokenizer_path") -> PreTrainedTokenizerBase:
     """``AutoTokenizer.from_pretrained(path)`` with a pad token (eos when the checkpoint has none, as Llama's);
     a clear ConfigError naming ``field`` when the path holds no usable tokenizer."""

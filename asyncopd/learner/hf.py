@@ -6,7 +6,8 @@ from typing import Any
 import torch
 
 from asyncopd.core.types import LearnerBatch
-from asyncopd.learner.trainer import Weights
+from asyncopd.data.tokenizer import copy_tokenizer_files
+from asyncopd.learner.trainer import Weights, student_vocab
 from asyncopd.model.build import load_model
 from asyncopd.weights.broadcast import plan_buckets
 
@@ -19,12 +20,16 @@ class HFBackend:
     def __init__(self, model_path: str):
         self.module = load_model(model_path)
         self.module.train()
+        self.vocab_size = student_vocab(model_path, self.module.config)
+        self.model_path = model_path
 
     def to_device(self, batch: LearnerBatch) -> LearnerBatch:
         return batch  # the model stays on the CPU
 
     def forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        return self.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        """Logits over the tokenizer's ids: padded embedding rows sliced off (exact: see asyncopd.model.scorer)."""
+        logits = self.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return logits[..., : self.vocab_size].float()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
@@ -38,6 +43,7 @@ class HFBackend:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(out)
+        copy_tokenizer_files(self.model_path, out)
         torch.save(state, out / STATE_FILE)
 
     def load(self, path: str) -> dict[str, Any]:

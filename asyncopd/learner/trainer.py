@@ -3,6 +3,11 @@
 What differs per backend (the model, where the batch lives, the logits, the gradient-norm reduction, weight
 export and checkpoint files) sits behind `ModelBackend`; the trainer owns the optimizer, the lr schedule and
 the version, so both backends step identically and a resumed run continues the same schedule.
+
+Every distribution the learner computes is over the student tokenizer's ids only, as the rollout engine's
+(asyncopd.rollout.engine): a checkpoint may pad its embedding past them (Qwen3: 151669 tokens, 151936 rows), and a
+log pi over the padded rows too would differ from the behaviour logprobs the engine reported, skewing every
+importance ratio and the KL itself. The padded rows stay in the model and in its exported weights.
 """
 
 import time
@@ -17,20 +22,31 @@ from asyncopd.estimators.common import Tokens
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.collate import response_logits
 from asyncopd.learner.staleness import check_staleness
+from asyncopd.model.scorer import token_vocab
+from asyncopd.net.server import vocabulary_card
 
 Weights = Iterator[list[tuple[str, torch.Tensor]]]  # buckets of (Hugging Face name, full tensor)
+
+
+def student_vocab(model_path: str, hf_config) -> int:
+    """Ids the student's distribution ranges over, counted as the rollout engine counts them: its tokenizer's
+    (every embedding row when the checkpoint has no tokenizer files), at most `hf_config.vocab_size` rows."""
+    rows = int(hf_config.vocab_size)
+    return token_vocab(hf_config, vocabulary_card(model_path, rows)["tokenizer_vocab_size"])
 
 
 class ModelBackend(Protocol):
     """The student model as one backend runs it (asyncopd.learner.hf, asyncopd.learner.megatron.model)."""
 
     module: torch.nn.Module  # the parameters the optimizer steps (this rank's shards under TP)
+    vocab_size: int  # student_vocab: the logits' last dimension; embedding rows past it are padding
 
     def to_device(self, batch: LearnerBatch) -> LearnerBatch:
         """The batch where the model lives."""
 
     def forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """float32 [B, L, V] full-vocabulary logits, before the sampling temperature."""
+        """float32 [B, L, vocab_size] logits over the tokenizer's ids (padded rows dropped), before the sampling
+        temperature."""
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip by the global gradient norm over the full model; returns the norm before clipping."""
@@ -66,7 +82,7 @@ class Trainer:
         )
 
     def logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L, V] logits of the sampling distribution: the rollout temperature applied."""
+        """[B, L, V] logits of the sampling distribution (V: the tokenizer's ids): the rollout temperature applied."""
         return self.model.forward_logits(batch) / self.temperature
 
     @torch.no_grad()

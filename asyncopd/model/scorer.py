@@ -34,8 +34,10 @@ class ScoreResult:
 
 
 def token_vocab(model, vocab_size: int | None) -> int:
-    """Ids to score or sample: the tokenizer's `vocab_size` (None: every embedding row), at most the rows."""
-    rows = int(model.config.vocab_size)
+    """Ids to score, sample or train on: the tokenizer's `vocab_size` (None: every embedding row), at most the rows.
+
+    `model`: a Hugging Face model or its config (the megatron learner holds only the config)."""
+    rows = int(getattr(model, "config", model).vocab_size)
     return rows if vocab_size is None else min(int(vocab_size), rows)
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from asyncopd.config.schema import LearnerConfig
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.types import LearnerBatch
+from asyncopd.data.tokenizer import copy_tokenizer_files
 from asyncopd.learner.megatron import patches
 from asyncopd.learner.megatron.convert import (
     HF_WEIGHTS,
@@ -27,7 +28,7 @@ from asyncopd.learner.megatron.convert import (
     load_hf_into_megatron,
 )
 from asyncopd.learner.megatron.patches.fp8 import fp8_context, require_transformer_engine
-from asyncopd.learner.trainer import Weights
+from asyncopd.learner.trainer import Weights, student_vocab
 from asyncopd.weights.process_group import find_free_port
 
 STATE_FILE = "learner_state.rank{rank}.pt"
@@ -172,6 +173,8 @@ class MegatronBackend:
             else torch.device("cpu")
         self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
         self.layout = DecoderLayout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
+        self.model_path = model_path
+        self.vocab_size = student_vocab(model_path, self.hf_config)  # <= layout.vocab <= layout.padded_vocab
         self.module = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
         load_hf_into_megatron(self.module, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
         self.module.train()
@@ -188,14 +191,20 @@ class MegatronBackend:
                                    response_index=batch.response_index.to(self.device), est=est)
 
     def forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L, V] full-vocabulary logits (gathered across TP, vocabulary padding dropped)."""
+        """[B, L, V] logits over the tokenizer's V ids, gathered across TP.
+
+        One slice drops both paddings: megatron's (rows up to layout.padded_vocab, zero, for an even TP split) and
+        the checkpoint's own (HF rows past the tokenizer's ids), so no padded id gets probability mass and their
+        rows get no gradient from the loss. The output layer gathers its vocabulary shards (parallel_output=False)
+        and the estimators run dense: their vocabulary-parallel path (EstimatorBatch.vocab_shard) is not wired
+        here, and wiring it must mask the same ids on the shards that hold them."""
         input_ids = batch.input_ids
         # right padding: real tokens sit at 0..n-1, so plain positions match HF's
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         with fp8_context(self.cfg):
             logits = self.module(input_ids=input_ids, position_ids=position_ids,
                                  attention_mask=attention_mask_for(batch.attention_mask))
-        return logits[..., : self.layout.vocab].float()
+        return logits[..., : self.vocab_size].float()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global norm over the full model (TP shards reduced across ranks), identical on every rank.
@@ -228,6 +237,7 @@ class MegatronBackend:
         if dist.get_rank() == 0:
             self.hf_config.save_pretrained(out)
             save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
+            copy_tokenizer_files(self.model_path, out)
         torch.save({**state, "tp": self.cfg.tp}, out / STATE_FILE.format(rank=self.tp_rank))
         dist.barrier()
 
