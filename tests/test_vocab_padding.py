@@ -25,7 +25,6 @@ from asyncopd.rollout.client import SGLangClient
 from asyncopd.rollout.engine import RolloutEngine
 from asyncopd.rollout.http_server import RolloutServer
 from asyncopd.teacher.client import TeacherClient
-from asyncopd.teacher.router import TeacherRouter
 from asyncopd.teacher.server import TeacherServer
 from tests._learner_fixtures import ESTIMATOR, learner_config, make_batch, make_trainer
 from tests._serving_fixtures import VOCAB, tiny_model
@@ -184,7 +183,7 @@ def test_engine_never_samples_a_padded_id(teacher, padded_engine, temperature):
 
 
 def _fleet(student_url: str, teacher_url: str) -> Fleet:
-    return Fleet(Config(), [], [SGLangClient(student_url)], TeacherRouter({"default": TeacherClient(teacher_url)}), None)
+    return Fleet(Config(), [], [SGLangClient(student_url)], TeacherClient(teacher_url), None)
 
 
 def test_vocabulary_check_pairs_by_tokenizer_not_rows(ckpts, teacher_server):
