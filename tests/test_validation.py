@@ -124,7 +124,9 @@ def test_a_tokenizer_mismatch_fails_before_anything_starts(tmp_path):
     save_tiny_tokenizer(teacher)
     save_tiny_tokenizer(same)
     save_tiny_tokenizer(student, [*VOCAB[1:], VOCAB[0]])  # the same tokens under other ids
-    base = [f"model.teacher_path={teacher}", f"run.dir={tmp_path}/run"]
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')  # not the prepared task: this test needs no artifacts
+    base = [f"model.teacher_path={teacher}", f"run.dir={tmp_path}/run", f"data.train_files={data}"]
     validate(compose_config([*base, f"model.student_path={same}"]), host=True)
     with pytest.raises(ConfigError, match="tokenizers differ") as e:
         validate(compose_config([*base, f"model.student_path={student}"]), host=True)
