@@ -31,7 +31,16 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(PY)
 demo: setup-base
 	$(VENV)/bin/asyncopd demo
 
-test: setup
+# SGLang's /generate contract for tests/test_sglang_contract.py: the pinned release's own wheel (39 MB, ~2 s, once per
+# clone), its version the committed fixture's; offline the fetch fails quietly and the fixture stands in.
+SGLANG_API := $(patsubst sglang-%.json,%,$(notdir $(firstword $(wildcard tests/sglang_contract/sglang-*.json))))
+SGLANG_WHEEL := .cache/sglang/.fetched-$(SGLANG_API)
+
+$(SGLANG_WHEEL): | $(PY)
+	-$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.11 \
+		--platform manylinux_2_34_x86_64 -d .cache/sglang sglang==$(SGLANG_API) && touch $@
+
+test: setup $(SGLANG_WHEEL)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 

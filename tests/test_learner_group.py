@@ -1,8 +1,6 @@
 """LearnerGroup: the learner as Ray actor ranks (real Ray, real gloo, real megatron-core at TP=2), trained and
 broadcasting its gathered weights to a real rollout engine over SGLang's weight-update API."""
 
-import threading
-
 import pytest
 import ray
 import torch
@@ -10,10 +8,11 @@ import torch
 pytest.importorskip("megatron.core")
 
 from asyncopd.config.ray_cluster import start_ray  # noqa: E402
-from asyncopd.config.schema import (
+from asyncopd.config.schema import (  # noqa: E402
     ClusterConfig,
-    Config,  # noqa: E402
+    Config,
     LearnerConfig,
+    WeightSyncConfig,
 )
 from asyncopd.core.errors import ConfigError
 from asyncopd.learner.backends import LEARNER_BACKENDS  # noqa: E402
@@ -22,7 +21,7 @@ from asyncopd.model.build import load_model  # noqa: E402
 from asyncopd.rollout.client import SGLangClient  # noqa: E402
 from asyncopd.rollout.engine import RolloutEngine  # noqa: E402
 from asyncopd.rollout.http_server import RolloutServer  # noqa: E402
-from asyncopd.weights.process_group import find_free_port  # noqa: E402
+from asyncopd.weights.sync import WeightSync  # noqa: E402
 from tests._learner_fixtures import (  # noqa: E402
     ESTIMATOR,
     assert_same_step,
@@ -55,30 +54,15 @@ def _cfg(**learner) -> Config:
 
 
 def _sync(group: LearnerGroup, client: SGLangClient, version: int) -> None:
-    """The weight-sync protocol (as asyncopd.weights.sync drives it): join, announce buckets, broadcast."""
-    port = find_free_port()
-    joined = threading.Thread(target=client.init_weights_update_group, kwargs=dict(
-        master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, group_name=GROUP,
-        backend="gloo"))
-    joined.start()
-    group.init_weight_group("127.0.0.1", port, 2, GROUP, "gloo", 60.0)
-    joined.join()
-    buckets = group.weight_buckets(BUCKET_BYTES, GROUP)
-    assert len(buckets) > 1
-    errors: list[BaseException] = []
-
-    def receive() -> None:
-        try:
-            for bucket in buckets:
-                client.update_weights_from_distributed(**bucket, weight_version=str(version))
-        except BaseException as e:  # surfaced below, after the sender returned
-            errors.append(e)
-
-    received = threading.Thread(target=receive)
-    received.start()
-    group.broadcast_weights(BUCKET_BYTES)
-    received.join()
-    assert not errors, errors
+    """The run's weight sync (SGLang 0.5.23's session, as asyncopd.weights.sync drives it) from the learner ranks."""
+    sync = WeightSync(WeightSyncConfig(bucket_mb=BUCKET_BYTES / 2**20, group_name=GROUP, timeout_s=60), group,
+                      [client])
+    try:
+        sync.init_group()
+        assert len(sync.buckets) > 1
+        sync.sync(version)
+    finally:
+        sync.close()
 
 
 def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):

@@ -62,8 +62,10 @@ def test_info_endpoints(client, server):
     assert si["supports_mc_samples"] is True and si["engine"] == "asyncopd-embedded"
     assert client.get_weight_version() == 0
     assert requests.get(server.url + "/get_model_info", timeout=10).json()["vocab_size"] == VOCAB
-    assert client.flush_cache()["success"] is True
-    assert requests.get(server.url + "/flush_cache", timeout=10).status_code == 200
+    assert si["dtype"] == "float32" and si["tp_size"] == 1  # what a weight sync reads (SGLang's server args)
+    assert client.flush_cache() is True  # idle: SGLang's 200 with a text body
+    r = requests.get(server.url + "/flush_cache", timeout=10)
+    assert r.status_code == 200 and r.text.startswith("Cache flushed")
 
 
 def test_greedy_generate_shape_and_logprobs(client, model):
@@ -73,7 +75,9 @@ def test_greedy_generate_shape_and_logprobs(client, model):
     meta = out["meta_info"]
     ids = out["output_ids"]
     assert meta["id"] == "req-1" and meta["prompt_tokens"] == 3 and meta["completion_tokens"] == len(ids)
-    assert meta["weight_version"] == "0" and meta["weight_version_start"] == "0"
+    # SGLang 0.5.23's per-token versions: one span over every token, and weight_version its version
+    assert meta["weight_version"] == "0" and meta["weight_versions"] == [{"version": "0", "start": 0, "end": len(ids)}]
+    assert "weight_version_start" not in meta  # SGLang never sends it
     fr = meta["finish_reason"]
     assert fr == ({"type": "stop", "matched": EOS} if ids[-1] == EOS else {"type": "length", "length": 8})
     lp = _tempered(model, PROMPTS[0], ids, 0)
@@ -192,9 +196,15 @@ def test_token_ids_logprob(client, model):
     ({"input_ids": [[1], [2]], "sampling_params": [{"max_new_tokens": 4}, {"max_new_tokens": 5}]},
      "same sampling_params"),
     ({"input_ids": [[1], [2]], "sampling_params": {"max_new_tokens": 4}, "rid": ["x"]}, "rid"),
-    ({"input_ids": [1], "text": "hello"}, "token ids only"),
+    ({"input_ids": [1], "text": "hello"}, "either text or input_ids"),
+    ({"text": "hello"}, "no tokenizer"),
+    ({"input_ids": [1], "sampling_params": {"max_new_tokens": 4, "stop": "x"}}, "stop strings need"),
     ({"input_ids": [1], "stream": True}, "stream"),
-    ({"input_ids": [1], "max_new_tokens": 4}, "unknown field 'max_new_tokens'"),
+    ({"input_ids": [1], "return_hidden_states": True}, "return_hidden_states"),
+    ({"input_ids": [3, 4], "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
+      "logprob_start_len": 3}, "logprob_start_len=3 is higher than the number of input tokens 2"),
+    ({"input_ids": [[1], [2]], "sampling_params": {"max_new_tokens": 1}, "rid": ["a", "a"]}, "duplicate request IDs"),
+    ({"input_ids": [1], "sampling_params": {"max_new_tokens": 4, "ignore_eos": "no"}}, "ignore_eos"),
 ])
 def test_malformed_generate_gets_400(server, payload, match):
     r = requests.post(server.url + "/generate", json=payload, timeout=30)
@@ -220,13 +230,13 @@ def _in_thread(fn, *args, **kw):
 
 
 def test_pause_in_place_then_continue(client):
-    assert client.pause_generation("in_place")["success"]
+    assert client.pause_generation("in_place") == {"message": "Generation paused successfully.", "status": "ok"}
     assert client.server_info(refresh=True)["paused"] is True
     th, box = _in_thread(client.generate, [PROMPTS[0]], max_new_tokens=5, temperature=0)
     time.sleep(0.5)
     assert th.is_alive()  # waits while paused (new requests queue, as in SGLang)
     assert client.get_weight_version() == 0  # control endpoints still answer
-    assert client.continue_generation()["success"]
+    assert client.continue_generation()["status"] == "ok"
     th.join(30)
     assert not th.is_alive() and box["out"][0].finish_reason in ("stop", "length")
     assert client.server_info(refresh=True)["paused"] is False
@@ -248,9 +258,16 @@ def test_pause_abort_ends_requests_in_flight(client):
 
 
 def test_weight_endpoints_without_group(client):
-    with pytest.raises(ServerError, match="no weight group"):
+    with pytest.raises(ServerError, match="must run between begin_weight_update"):
         client.update_weights_from_distributed(names=["model.norm.weight"], dtypes=["float32"], shapes=[[32]],
                                                group_name="g")
+    client.begin_weight_update()
+    try:
+        with pytest.raises(ServerError, match="no weight group"):
+            client.update_weights_from_distributed(names=["model.norm.weight"], dtypes=["float32"], shapes=[[32]],
+                                                   group_name="g")
+    finally:
+        client.end_weight_update()
     with pytest.raises(ServerError, match="no weight group"):
         client.destroy_weights_update_group("g")
     with pytest.raises(ServerError, match="rank_offset"):
@@ -259,8 +276,12 @@ def test_weight_endpoints_without_group(client):
     with pytest.raises(ServerError, match="backend"):
         client.init_weights_update_group(master_address="127.0.0.1", master_port=1234, rank_offset=1,
                                          world_size=2, group_name="g", backend="mpi")
-    r = requests.post(client.base_url + "/update_weights_from_distributed",
-                      json={"names": ["a"], "dtypes": ["float99"], "shapes": [[1]]}, timeout=30)
+    client.begin_weight_update()
+    try:
+        r = requests.post(client.base_url + "/update_weights_from_distributed",
+                          json={"names": ["a"], "dtypes": ["float99"], "shapes": [[1]]}, timeout=30)
+    finally:
+        client.end_weight_update()
     assert r.status_code == 400 and r.json()["success"] is False and "float99" in r.json()["message"]
 
 
@@ -370,16 +391,21 @@ def test_actor_reports_missing_checkpoint_clearly(tmp_path):
 def test_sglang_launcher_fails_early_without_sglang(tmp_path):
     import importlib.util
 
+    from asyncopd.config.schema import TeacherConfig
+    from asyncopd.core.errors import ConfigError
     from asyncopd.rollout.sglang_launcher import MISSING, SGLangServerHost, sglang_command
 
-    cfg = RolloutConfig(backend="sglang", api_key="k", sglang_args="--tp 2 --mem-fraction-static 0.8")
+    cfg = RolloutConfig(backend="sglang", api_key="k", tp=2, sglang_args="--mem-fraction-static 0.8")
     cmd = sglang_command("/models/x", cfg, 30000)
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
-    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"]
-    from asyncopd.config.schema import TeacherConfig
-
+    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[-4:] == ["--tp-size", "2", "--mem-fraction-static", "0.8"]
     tcmd = sglang_command("/models/t", TeacherConfig(tp=8, sglang_args="--dtype bfloat16"), 30001)
-    assert tcmd[-4:] == ["--tp", "8", "--dtype", "bfloat16"]
+    assert tcmd[-4:] == ["--tp-size", "8", "--dtype", "bfloat16"]
+    # the TP size decides the weight group's ranks: only rollout.tp may set it
+    for hidden in ("--tp 2", "--tp-size=2", "--tensor-parallel-size 4"):
+        with pytest.raises(ConfigError, match=r"rollout.sglang_args sets the tensor-parallel size .*set rollout.tp"):
+            sglang_command("/models/x", RolloutConfig(backend="sglang", sglang_args=hidden), 30000)
+    cfg = RolloutConfig(backend="sglang", api_key="k")
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here: the missing-install path cannot be exercised")
     with pytest.raises(RuntimeError) as e:

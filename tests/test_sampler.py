@@ -185,3 +185,20 @@ def test_sampling_logprobs_normalised():
         torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5), rtol=0, atol=tol)
         ref = torch.tensor(np.stack([brute_filtered(r, *args) for r in logits]), dtype=torch.float32)
         torch.testing.assert_close(lp, ref, rtol=0, atol=tol)
+
+
+def test_per_row_seeds_draw_each_row_as_it_is_drawn_alone(model):
+    """A list of seeds gives each row its own stream (how the rollout dispatcher keeps a sample's tokens
+    independent of the request it shares), and filtered tokens are still never drawn."""
+    s = KVCacheSampler(model, eos_token_id=EOS, pad_token_id=PAD)
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.8, mc_samples=3)
+    seeds = [101, 202, 303, 404]
+    batch = s.generate(PROMPTS, seed=seeds, **kw)
+    for p, seed, o in zip(PROMPTS, seeds, batch, strict=True):
+        alone = s.generate([p], seed=seed, **kw)[0]  # an int seed on a batch of one: the same stream
+        assert alone.output_ids == o.output_ids and (alone.mc_ids == o.mc_ids).all()
+        assert np.isfinite(o.mc_logprobs).all()
+    shuffled = s.generate(PROMPTS[::-1], seed=seeds[::-1], **kw)[::-1]
+    assert [o.output_ids for o in shuffled] == [o.output_ids for o in batch]
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        s.generate(PROMPTS, seed=seeds[:2], **kw)

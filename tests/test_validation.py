@@ -68,6 +68,16 @@ def test_backend_limits_and_capabilities():
     assert fields(["estimator=mc_rkl", "teacher=sglang", "teacher.tp=1"]) == {"teacher.backend"}
     assert fields(["estimator=mc_rkl", "rollout=sglang"]) == {"rollout.backend"}
     assert fields(["estimator=forward_kl", "teacher=sglang", "teacher.tp=1"]) == set()
+    # MC draws are weighed by full-vocabulary logprobs (SGLang's meaning): a truncated sampler would bias them
+    assert fields(["estimator=mc_rkl", "rollout.top_p=0.9"]) == {"rollout.top_p"}
+    # a TP size hidden in sglang_args would leave weight-sync ranks without a receiver: refused before launch
+    assert fields(["rollout=sglang", "estimator=forward_kl", "rollout.sglang_args='--tp-size 2'"]) == {
+        "rollout.sglang_args"}
+    # the weight sync's own values, and a pause it cannot skip: SGLang loads buckets as they come
+    assert fields(["weights.pause_mode=freeze", "weights.dtype=fp8", "weights.load_format=bucket"]) == {
+        "weights.pause_mode", "weights.dtype", "weights.load_format"}
+    assert fields(["weights.pause_mode=none"]) == set()  # the embedded engine swaps a whole update at once
+    assert fields(["weights.pause_mode=none", "rollout=sglang", "estimator=forward_kl"]) == {"weights.pause_mode"}
 
 
 def test_gpu_totals_and_memory_against_the_cluster():

@@ -25,6 +25,7 @@ from asyncopd.rollout.client import SGLangClient
 from asyncopd.rollout.engine import RolloutEngine
 from asyncopd.rollout.http_server import RolloutServer
 from asyncopd.teacher.client import TeacherClient
+from asyncopd.teacher.router import TeacherRouter
 from asyncopd.teacher.server import TeacherServer
 from tests._learner_fixtures import ESTIMATOR, learner_config, make_batch, make_trainer
 from tests._serving_fixtures import VOCAB, tiny_model
@@ -175,15 +176,16 @@ def test_engine_never_samples_a_padded_id(teacher, padded_engine, temperature):
     # the prompt's own logprobs (a scoring forward inside the engine) are over real ids too
     item = client.generate_raw({"input_ids": PROMPTS[2], "sampling_params": {"max_new_tokens": 0},
                                 "return_logprob": True, "logprob_start_len": 1, "top_logprobs_num": VOCAB})
-    tops = item["meta_info"]["input_top_logprobs"]
-    assert all(e[1] < VOCAB for row in tops for e in row)
+    first, *tops = item["meta_info"]["input_top_logprobs"]  # SGLang reports None for the first prompt position
+    assert first is None and all(e[1] < VOCAB for row in tops for e in row)
     np.testing.assert_allclose([sum(np.exp(e[0]) for e in row) for row in tops], 1.0, atol=1e-5)
     with pytest.raises(ServerError, match="outside the vocabulary"):
         client.generate([[3, VOCAB]], max_new_tokens=2)
 
 
 def _fleet(student_url: str, teacher_url: str) -> Fleet:
-    return Fleet(Config(), [], [SGLangClient(student_url)], TeacherClient(teacher_url), None)
+    teacher = TeacherRouter({"default": TeacherClient(teacher_url)})
+    return Fleet(Config(), [], [SGLangClient(student_url)], teacher, None)
 
 
 def test_vocabulary_check_pairs_by_tokenizer_not_rows(ckpts, teacher_server):
@@ -195,12 +197,12 @@ def test_vocabulary_check_pairs_by_tokenizer_not_rows(ckpts, teacher_server):
     try:
         fleet = _fleet(student.url, teacher_server.url)
         fleet.check_vocabularies()
-        fleet.pool.shutdown()
+        fleet.shutdown()
         for other, path in zip(others, ("other", "bare"), strict=True):
             fleet = _fleet(student.url, other.url)
             with pytest.raises(VocabularyMismatch, match="tokenizers differ") as e:
                 fleet.check_vocabularies()
-            fleet.pool.shutdown()
+            fleet.shutdown()
             assert str(ckpts["student"]) in str(e.value) and str(ckpts[path]) in str(e.value)
             assert "same tokenizer" in str(e.value)
     finally:

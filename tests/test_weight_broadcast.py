@@ -1,12 +1,14 @@
 """Weight sync: bucket planning, real gloo broadcasts between processes, and engine updates over HTTP.
 
 The sender is a plain Python subprocess (rank 0, like the learner) that loads a perturbed copy of the
-model, joins the group and broadcasts buckets; the engine (rank 1) receives them through SGLang's
-/init_weights_update_group and /update_weights_from_distributed endpoints.
+model, joins the group and broadcasts buckets (per tensor, or flattened); the engine (rank 1) receives them
+through SGLang 0.5.23's /init_weights_update_group, /begin_weight_update, /update_weights_from_distributed
+and /end_weight_update endpoints, and must refuse what 0.5.23 refuses.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 from asyncopd.net.client import ServerError
 from asyncopd.rollout.client import SGLangClient
-from asyncopd.rollout.engine import RolloutEngine
+from asyncopd.rollout.engine import NO_SESSION, NO_SESSION_TO_END, NOT_FLUSHED, SESSION_OPEN, RolloutEngine
 from asyncopd.rollout.http_server import RolloutServer
 from asyncopd.weights.broadcast import (
+    FLATTENED,
     bucket_request,
     dtype_to_str,
     plan_buckets,
@@ -49,14 +53,15 @@ if spec.get("model"):  # the checkpoint's tensors under their Hugging Face names
 pg = init_weights_group("127.0.0.1", spec["port"], 2, 0, spec["group"], "gloo", timeout_s=60)
 print("joined", flush=True)
 for bucket in spec["buckets"]:
+    flattened = isinstance(bucket, dict)  # {"flattened": [items]}: one broadcast of the items' bytes
     tensors = []
-    for item in bucket:
+    for item in (bucket["flattened"] if flattened else bucket):
         if "param" in item:
             tensors.append(params[item["param"]].detach())
         else:
             dt = getattr(torch, item["dtype"])
             tensors.append(torch.full(item["shape"], item.get("fill", 0), dtype=dt))
-    send_bucket(pg, tensors)
+    send_bucket(pg, tensors, flattened=flattened)
     print("sent", len(tensors), flush=True)
 sys.stdin.readline()  # the engine leaves the group first: rank 0 hosts the store it talks to
 destroy_weights_group(pg)
@@ -122,16 +127,27 @@ def test_plan_buckets():
     buckets = plan_buckets(model.named_parameters(), 4096)
     flat = [n for b in buckets for n in b]
     assert flat == [n for n, _ in model.named_parameters()]  # order kept, nothing dropped
-    req = bucket_request([("a", torch.zeros(2, 3, dtype=torch.bfloat16))], group_name="g", weight_version=3)
-    assert req == {"names": ["a"], "dtypes": ["bfloat16"], "shapes": [[2, 3]], "group_name": "g",
-                   "flush_cache": True, "weight_version": "3"}
+    req = bucket_request([("a", torch.zeros(2, 3, dtype=torch.bfloat16))], group_name="g")
+    assert req == {"names": ["a"], "dtypes": ["bfloat16"], "shapes": [[2, 3]], "group_name": "g"}
+    req = bucket_request([("a", torch.zeros(3, dtype=torch.float32)), ("b", torch.zeros(2, dtype=torch.bfloat16))],
+                         group_name="g", load_format=FLATTENED)
+    assert req["load_format"] == FLATTENED
+    # SGLang's FlattenedTensorBucket refuses a tensor at a byte offset its dtype cannot be viewed at: so do we,
+    # before anything is announced
+    with pytest.raises(ValueError, match=r"tensor 1 \(torch.float32\) would start at byte 6"):
+        bucket_request([("a", torch.zeros(3, dtype=torch.bfloat16)), ("b", torch.zeros(2))], group_name="g",
+                       load_format=FLATTENED)
+    with pytest.raises(ValueError, match="load_format='tensor_bucket' is unknown"):
+        bucket_request([("a", torch.zeros(1))], group_name="g", load_format="tensor_bucket")
 
 
 def test_send_recv_between_processes():
     port = find_free_port()
     items = [{"shape": [3, 4], "dtype": "float32", "fill": 1.5}, {"shape": [5], "dtype": "bfloat16", "fill": 2},
              {"shape": [], "dtype": "int64", "fill": 7}, {"shape": [0, 3], "dtype": "float32"}]
-    proc = start_sender({"port": port, "group": GROUP, "buckets": [items, items[:1]]})
+    mixed = [{"shape": [3], "dtype": "int64", "fill": -4}, {"shape": [2, 2], "dtype": "float32", "fill": 0.25},
+             {"shape": [3], "dtype": "bfloat16", "fill": 3}, {"shape": [], "dtype": "bool", "fill": 1}]
+    proc = start_sender({"port": port, "group": GROUP, "buckets": [items, items[:1], {"flattened": mixed}]})
     pg = init_weights_group("127.0.0.1", port, 2, 1, GROUP, "gloo", timeout_s=60)
     try:
         got = recv_bucket(pg, ["a", "b", "c", "d"], [i["dtype"] for i in items], [i["shape"] for i in items])
@@ -141,6 +157,12 @@ def test_send_recv_between_processes():
         assert got["d"].shape == (0, 3)
         again = recv_bucket(pg, ["a"], [torch.float32], [[3, 4]])
         assert torch.equal(again["a"], got["a"])
+        # one broadcast of 24 + 16 + 6 + 1 bytes, cut back into four tensors of four dtypes
+        flat = recv_bucket(pg, ["i", "f", "h", "b"], [m["dtype"] for m in mixed], [m["shape"] for m in mixed],
+                           flattened=True)
+        for name, m in zip(["i", "f", "h", "b"], mixed, strict=True):
+            want = torch.full(m["shape"], m["fill"], dtype=str_to_dtype(m["dtype"]))
+            assert flat[name].dtype == want.dtype and torch.equal(flat[name], want), name
         with pytest.raises(ValueError, match="lengths differ"):
             recv_bucket(pg, ["a", "b"], ["float32"], [[1]])
     finally:
@@ -223,8 +245,21 @@ def test_update_from_a_sender_process(served, checkpoints):
         [{"param": names[0]}],  # a good bucket after the bad ones: the group is still in step
     ]})
     assert client.server_info(refresh=True)["weight_group"] == GROUP
-    req = bucket_request(list(b_model.named_parameters()), group_name=GROUP, weight_version=1)
-    assert client.update_weights_from_distributed(**req)["success"]
+    req = bucket_request(list(b_model.named_parameters()), group_name=GROUP)
+    # SGLang 0.5.23 refuses a bucket outside a session, before receiving anything (the sender has not sent yet)
+    r = requests.post(client.base_url + "/update_weights_from_distributed", json=req, timeout=30)
+    assert r.status_code == 400 and r.json()["success"] is False and r.json()["message"] == NO_SESSION
+    with pytest.raises(ServerError, match=re.escape(NO_SESSION_TO_END)):
+        client.end_weight_update()
+    assert client.begin_weight_update() == {"success": True, "message": "Success"}
+    with pytest.raises(ServerError, match=re.escape(SESSION_OPEN)):
+        client.begin_weight_update()
+    out = client.update_weights_from_distributed(**req, weight_version=1, flush_cache=False)
+    assert out["success"] and out["message"].endswith("Weight version updated to 1.")
+    staged = greedy(client)  # the bucket is staged: nothing served changes before the session ends
+    assert staged["meta_info"]["weight_version"] == "0" and staged["output_ids"] == before["output_ids"]
+    np.testing.assert_array_equal(logprobs_of(staged), logprobs_of(before))
+    client.end_weight_update()
 
     after = greedy(client)
     assert after["meta_info"]["weight_version"] == "1" and client.get_weight_version() == 1
@@ -232,6 +267,7 @@ def test_update_from_a_sender_process(served, checkpoints):
     # the weights changed: the first logprob moved by more than rounding can explain
     assert np.abs(logprobs_of(after)[:1] - logprobs_of(before)[:1]).max() > logprob_tol(b_model, len(PROMPT))
 
+    client.begin_weight_update()
     rejected = r"400: update rejected, old weights kept \(version 1\): unknown weight name 'bogus.weight'"
     with pytest.raises(ServerError, match=rejected):
         client.update_weights_from_distributed(names=["bogus.weight"], dtypes=["float32"], shapes=[[VOCAB, 32]],
@@ -239,46 +275,129 @@ def test_update_from_a_sender_process(served, checkpoints):
     with pytest.raises(ServerError, match=r"model.norm.weight: shape \[7\] does not match"):
         client.update_weights_from_distributed(names=["model.norm.weight"], dtypes=["float32"], shapes=[[7]],
                                                group_name=GROUP, weight_version="2")
+    with pytest.raises(ServerError, match=r"nothing applied, old weights kept \(version 1\): a bucket was rejected"):
+        client.end_weight_update()  # a session with a rejected bucket swaps nothing in
     intact = greedy(client)
     assert intact["meta_info"]["weight_version"] == "1"
     assert intact["output_ids"] == after["output_ids"]
     np.testing.assert_array_equal(logprobs_of(intact), logprobs_of(after))
 
     # The group is still in step: the next (good) bucket lands, without a version bump.
+    client.begin_weight_update()
     client.update_weights_from_distributed(names=[names[0]], dtypes=["float32"],
                                            shapes=[list(b_model.get_parameter(names[0]).shape)], group_name=GROUP)
+    client.end_weight_update()
     assert client.get_weight_version() == 1
     assert client.destroy_weights_update_group(GROUP)["success"]
     finish(proc)
     assert engine.stats["weight_updates"] == 2
 
 
-def test_staged_buckets_swap_together(served, checkpoints):
+@pytest.mark.parametrize("load_format", ["", FLATTENED])
+def test_session_swaps_its_buckets_in_at_its_end(served, checkpoints, load_format):
     engine, client = served
     _, b_dir, b_model = checkpoints
     before = greedy(client)
     named = list(b_model.named_parameters())
     buckets = plan_buckets(named, 8 * 1024)
     assert len(buckets) >= 2
-    proc = join_group(client, {"model": str(b_dir), "buckets": [[{"param": n} for n in b] for b in buckets]})
+    items = [[{"param": n} for n in b] for b in buckets]
+    proc = join_group(client, {"model": str(b_dir),
+                               "buckets": [{"flattened": b} for b in items] if load_format else items})
     by_name = dict(named)
+    client.begin_weight_update()
     for i, b in enumerate(buckets):
         last = i == len(buckets) - 1
-        req = bucket_request([(n, by_name[n]) for n in b], group_name=GROUP, weight_version=5 if last else None)
-        client.update_weights_from_distributed(**req, commit=last)
-        if not last:  # staged only: the served weights and version are untouched
-            mid = greedy(client)
-            assert mid["meta_info"]["weight_version"] == "0"
-            np.testing.assert_array_equal(logprobs_of(mid), logprobs_of(before))
+        req = bucket_request([(n, by_name[n]) for n in b], group_name=GROUP, load_format=load_format)
+        client.update_weights_from_distributed(**req, flush_cache=False, weight_version=5 if last else None)
+        mid = greedy(client)  # staged only, even the last: the served weights and version are untouched
+        assert mid["meta_info"]["weight_version"] == "0"
+        np.testing.assert_array_equal(logprobs_of(mid), logprobs_of(before))
+    client.end_weight_update()
     after = greedy(client)
     assert after["meta_info"]["weight_version"] == "5"
     assert_served(after, b_model)
+    assert engine.stats["weight_bytes"] == sum(p.numel() * 4 for _, p in named)
     client.destroy_weights_update_group(GROUP)
     finish(proc)
 
 
+def test_update_weight_version_labels(served):
+    """/update_weight_version: any string (SGLang's versions are free labels); inside a session it waits for
+    the weights, so no token of the old weights carries the new label."""
+    engine, client = served
+    assert client.update_weight_version("v1.2", abort_all_requests=False)["new_version"] == "v1.2"
+    assert greedy(client)["meta_info"]["weight_versions"][0]["version"] == "v1.2"
+    with pytest.raises(ServerError, match="'v1.2' is not an integer"):
+        client.get_weight_version()  # our pipeline's versions count optimizer steps
+    client.begin_weight_update()
+    client.update_weight_version(7, abort_all_requests=False)
+    assert greedy(client)["meta_info"]["weight_version"] == "v1.2"
+    client.end_weight_update()
+    assert greedy(client)["meta_info"]["weight_version"] == "7" and client.get_weight_version() == 7
+    r = requests.post(client.base_url + "/update_weight_version", json={"new_version": ["x"]}, timeout=30)
+    assert r.status_code == 400 and "new_version must be a non-empty string" in r.json()["error"]
+
+
+def _long_request(client: SGLangClient, n: int = 8, tokens: int = 60) -> tuple[threading.Thread, dict]:
+    """A batch that cannot stop early (eos outside the vocabulary), in a thread: (thread, box with "out")."""
+    box: dict = {}
+    request = {"input_ids": [PROMPT] * n, "sampling_params": {"max_new_tokens": tokens, "temperature": 1.0},
+               "return_logprob": True}
+    th = threading.Thread(target=lambda: box.setdefault("out", client.generate_raw(request)), daemon=True)
+    th.start()
+    return th, box
+
+
+def _mid_flight(engine: RolloutEngine, th: threading.Thread, steps: int = 3) -> None:
+    steps0 = engine.stats["forward_steps"]
+    while engine.stats["forward_steps"] < steps0 + steps and th.is_alive():
+        time.sleep(0.001)
+
+
+def test_flush_and_pause_follow_sglang():
+    """SGLang's /flush_cache succeeds only when no request holds KV; pause "abort" returns after they end."""
+    engine = RolloutEngine(tiny_model(0), "", eos_token_id=VOCAB)
+    server = RolloutServer(engine).start()
+    client = SGLangClient(server.url, timeout_s=120)
+    try:
+        assert client.flush_cache() is True  # idle
+        th, box = _long_request(client)
+        _mid_flight(engine, th)
+        assert th.is_alive()
+        r = requests.post(client.base_url + "/flush_cache", timeout=30)
+        assert r.status_code == 400 and r.text == "Flush cache failed.\n"  # running: SGLang's text and status
+        client.pause_generation("in_place")
+        assert client.flush_cache() is False  # paused in place: the requests keep their KV
+        client.pause_generation("retract")
+        assert client.flush_cache() is True  # retracted: SGLang frees their KV (and recomputes it later)
+        client.continue_generation()
+        assert client.flush_cache(timeout_s=60) is True  # waits for the request to finish, as ?timeout= does
+        th.join(60)
+        assert [len(o["output_ids"]) for o in box["out"]] == [60] * 8
+
+        th, box = _long_request(client)
+        _mid_flight(engine, th)
+        served = engine.stats["requests"]
+        client.pause_generation("abort")
+        assert engine.stats["requests"] == served + 1  # "abort" returns once the aborted requests have ended
+        th.join(60)
+        assert {o["meta_info"]["finish_reason"]["type"] for o in box["out"]} == {"abort"}
+        assert client.flush_cache() is True
+        th2, box2 = _long_request(client, n=1, tokens=4)  # new requests wait for /continue_generation
+        time.sleep(0.3)
+        assert th2.is_alive() and client.flush_cache() is True  # waiting, holding no KV
+        client.continue_generation()
+        th2.join(60)
+        assert len(box2["out"][0]["output_ids"]) == 4
+    finally:
+        client.continue_generation()
+        server.stop()
+
+
 def test_generation_in_flight_continues_on_new_weights(checkpoints):
-    """Pause between decode steps, update, continue: the response reports both versions."""
+    """Pause in place between decode steps, update, continue: every response reports which tokens came from
+    which weights, as SGLang's weight_versions spans."""
     _, b_dir, b_model = checkpoints
     # eos outside the vocabulary: no row stops early, so the request surely spans the update
     engine = RolloutEngine(tiny_model(0), "", eos_token_id=VOCAB)
@@ -287,16 +406,10 @@ def test_generation_in_flight_continues_on_new_weights(checkpoints):
     try:
         proc = join_group(client, {"model": str(b_dir), "buckets": [[{"param": n}
                                                                     for n, _ in b_model.named_parameters()]]})
-        request = {"input_ids": [PROMPT] * 64, "sampling_params": {"max_new_tokens": 60, "temperature": 1.0},
-                   "return_logprob": True}
         for _attempt in range(5):  # a request that finished before the pause landed is simply retried
-            box = {}
+            th, box = _long_request(client, n=64)
             steps0 = engine.stats["forward_steps"]
-            th = threading.Thread(target=lambda b=box: b.setdefault("out", client.generate_raw(request)),
-                                  daemon=True)
-            th.start()
-            while engine.stats["forward_steps"] < steps0 + 3 and th.is_alive():
-                time.sleep(0.001)
+            _mid_flight(engine, th)
             client.pause_generation("in_place")
             if th.is_alive() and engine.stats["forward_steps"] - steps0 < 60:
                 break  # paused between two decode steps of this request
@@ -304,15 +417,24 @@ def test_generation_in_flight_continues_on_new_weights(checkpoints):
             th.join(60)
         else:
             pytest.fail("could not pause a 60-step request mid-generation in 5 tries")
-        req = bucket_request(list(b_model.named_parameters()), group_name=GROUP, weight_version=1)
-        client.update_weights_from_distributed(**req)
+        client.begin_weight_update()
+        req = bucket_request(list(b_model.named_parameters()), group_name=GROUP)
+        # SGLang's default flush_cache=true fails the call while paused requests hold KV (0.5.23: the weights
+        # are loaded anyway); ours are staged and swap in at the session's end just the same
+        with pytest.raises(ServerError, match=re.escape(NOT_FLUSHED)):
+            client.update_weights_from_distributed(**req, weight_version=1)
+        client.end_weight_update()
         client.continue_generation()
         th.join(60)
         client.destroy_weights_update_group(GROUP)
         finish(proc)
         out = box["out"]
         assert all(len(o["output_ids"]) == 60 for o in out)
-        metas = [o["meta_info"] for o in out]
-        assert {(m["weight_version_start"], m["weight_version"]) for m in metas} == {("0", "1")}
+        spans = {json.dumps(o["meta_info"]["weight_versions"]) for o in out}
+        assert len(spans) == 1  # one batch: every row crossed the update at the same step
+        (old, new), = [json.loads(x) for x in spans]
+        assert old["version"] == "0" and new["version"] == "1" and old["start"] == 0 and new["end"] == 60
+        assert 0 < old["end"] == new["start"] < 60
+        assert all(o["meta_info"]["weight_version"] == "1" for o in out)
     finally:
         server.stop()

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from asyncopd.learner.group import LearnerGroup
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.pipeline.fleet import Fleet
+    from asyncopd.rollout.backends import weight_sync_config
     from asyncopd.validation import load_config
     from asyncopd.weights.sync import WeightSync
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         try:
             fleet = Fleet.launch(cfg, paths)
             learner = LearnerGroup.launch(cfg, paths.student)
-            sync = WeightSync(cfg.weights, learner, fleet.engines)
+            sync = WeightSync(weight_sync_config(cfg), learner, fleet.engines)
             sync.init_group()
             engine = fleet.engines[0]
             prompt = load_tokenizer(paths.tokenizer).encode(test_problems(cfg.task)[0].prompt, add_special_tokens=False)

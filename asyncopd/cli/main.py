@@ -1,4 +1,4 @@
-"""`asyncopd` command line: validate, prepare, train, demo, bench, analyze-estimators, config."""
+"""`asyncopd` command line: validate, prepare, train, demo, serve, bench, analyze-estimators, config."""
 
 import argparse
 import sys
@@ -52,6 +52,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raised_from(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`error` or the first exception in its `raise ... from` chain that is a `kind` (a pipeline stage's error
+    reaches the CLI wrapped in the learner loop's)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__
+    return error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="asyncopd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,30 +85,33 @@ def main(argv: list[str] | None = None) -> int:
         _overrides(p)
         p.set_defaults(func=_cmd_train, prepare=prepare)
 
+    from asyncopd.cli import serve
+
+    p = sub.add_parser("serve", help="our rollout engine or teacher server as a standalone process, like "
+                       "`python -m sglang.launch_server` (until SIGTERM/SIGINT)")
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
+
     p = sub.add_parser("bench", help="sync vs async pipeline benchmark (`asyncopd bench memory`: estimator "
-                       "memory, `bench latency`: HTTP call latency, `bench prepare`: the prepare recipe over seeds)")
+                       "memory, `bench latency`: HTTP call latency, `bench prepare`: the prepare recipe over seeds, "
+                       "`bench weights`: weight-update bandwidth, `bench router`: sglang-router's overhead)")
     from asyncopd.bench.pipeline_bench import add_arguments as add_pipeline_bench
 
     add_pipeline_bench(p)
     p.set_defaults(func=_cmd_bench)
 
-    from asyncopd.bench import estimator_memory
+    import importlib
 
-    p = sub.add_parser("bench-memory", help="peak extra memory of each estimator vs one logits tensor")
-    estimator_memory.add_arguments(p)
-    p.set_defaults(func=lambda a: (estimator_memory.run(a), 0)[1])
-
-    from asyncopd.bench import prepare_bench
-
-    p = sub.add_parser("bench-prepare", help="the prepare recipe from scratch over seeds x torch threads")
-    prepare_bench.add_arguments(p)
-    p.set_defaults(func=lambda a: (prepare_bench.run(a), 0)[1])
-
-    from asyncopd.bench import latency
-
-    p = sub.add_parser("bench-latency", help="HTTP latency of /health, /generate, /score, weight update")
-    latency.add_arguments(p)
-    p.set_defaults(func=lambda a: (latency.run(a), 0)[1])
+    for name, module, text in (
+            ("bench-memory", "estimator_memory", "peak extra memory of each estimator vs one logits tensor"),
+            ("bench-prepare", "prepare_bench", "the prepare recipe from scratch over seeds x torch threads"),
+            ("bench-latency", "latency", "HTTP latency of /health, /generate, /score, weight update"),
+            ("bench-weights", "weight_bench", "weight-update time and GB/s vs a raw torch.distributed broadcast"),
+            ("bench-router", "router_bench", "per-request overhead of sglang-router vs calling an engine directly")):
+        bench = importlib.import_module(f"asyncopd.bench.{module}")
+        p = sub.add_parser(name, help=text)
+        bench.add_arguments(p)
+        p.set_defaults(func=lambda a, bench=bench: (bench.run(a), 0)[1])
 
     p = sub.add_parser("analyze-estimators", help="bias/variance of reverse-KL gradient estimators")
     from asyncopd.bench import estimator_analysis
@@ -110,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bench` takes free Hydra overrides, so its subcommands are routed here
-    if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"]):
+    if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"], ["weights"], ["router"]):
         argv = [f"bench-{argv[1]}", *argv[2:]]
     args = parser.parse_args(argv)
-    from asyncopd.core.errors import ConfigError
+    from asyncopd.core.errors import ConfigError, TeacherDegenerate
     from asyncopd.model.prepare import PrepareError
 
     try:
@@ -123,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PrepareError as e:  # the recipe or a shipped model failed its check: what to do, no traceback
         print(f"asyncopd: prepare failed: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a teacher answered scores no trained model gives: what happened, no traceback
+        degenerate = _raised_from(e, TeacherDegenerate)
+        if degenerate is None:
+            raise
+        print(f"asyncopd: teacher failed: {degenerate}", file=sys.stderr)
         return 1
 
 

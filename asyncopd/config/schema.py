@@ -16,8 +16,13 @@ class RunConfig:
     experiment: str = "tiny_cpu"
     tensorboard: bool = True
     progress: bool = True
-    save_every: int = 0  # learner checkpoint every N steps into <dir>/checkpoint (0 = only at the end)
-    resume_from: str = ""  # a <dir>/checkpoint of an earlier run: weights, optimizer, version and data position
+    # learner checkpoint every N steps (0 = only at the end) into <dir>/checkpoints/step-N, each written to a temp
+    # dir and renamed whole; <dir>/checkpoint links to the newest; the last `keep_checkpoints` are kept
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    # an earlier run's <dir>/checkpoint (or <dir>, or one <dir>/checkpoints/step-N): weights, optimizer, version and
+    # data position
+    resume_from: str = ""
 
 
 @dataclass
@@ -48,6 +53,8 @@ class DataConfig:
     shuffle: bool = True  # a fresh seeded permutation per epoch
     seed: int = 0
     verifier: str = "exact"  # exact | math (math-verify: numeric and symbolic equivalence)
+    # the column naming each training sample's teacher (a key of `teachers`); "" = every sample to the one teacher
+    teacher_key: str = ""
 
 
 @dataclass
@@ -149,6 +156,15 @@ class RolloutConfig:
     group_timeout_s: float = 120.0  # how long an engine waits for the learner to join the weight group
     startup_timeout_s: float = 600.0  # how long the launcher waits for an SGLang server's /health
     sglang_args: str = ""  # extra flags for `python -m sglang.launch_server` (production only)
+    # embedded engine's limits: a request over either is answered 413 naming the limit (the server stays up)
+    max_request_bytes: int = 128 * 2**20  # bytes of one HTTP request body
+    max_batch_size: int = 8192  # inputs of one /generate request
+    # dispatch (asyncopd.rollout.dispatch): each request goes to the engine with a free slot as engines free up,
+    # each sample seeded by its index in the batch, so a sample's tokens do not depend on which engine drew it
+    max_inflight_per_engine: int = 1  # requests in flight per engine (SGLang batches across requests: raise it)
+    samples_per_request: int = 0  # 0 = the batch spread over every slot; 1 = one request per sample (SGLang's way)
+    router: str = "none"  # none | sglang_router: /generate through sglang-router (pip install sglang-router)
+    router_args: str = ""  # extra flags for `python -m sglang_router.launch_router` (they win over ours)
 
 
 @dataclass
@@ -168,6 +184,17 @@ class TeacherConfig:
     max_tokens_per_forward: int = 32768  # padded tokens per micro-batch forward inside one /score call
     startup_timeout_s: float = 600.0  # backend=sglang: how long to wait for the server's /health
     sglang_args: str = ""  # backend=sglang: extra flags for `python -m sglang.launch_server` (--tp comes from tp)
+    # stop the run when an answer cannot be a trained teacher's (uniform, input-independent, NaN/inf): a server
+    # that lost its weights still answers 200 (asyncopd.teacher.health)
+    check_scores: bool = True
+
+
+@dataclass
+class NamedTeacherConfig(TeacherConfig):
+    """One entry of `teachers`: a whole teacher service (TeacherConfig's defaults, not `teacher`'s) and the
+    checkpoint it serves."""
+
+    model_path: str = ""  # "" = model.teacher_path (else the prepared teacher)
 
 
 @dataclass
@@ -254,6 +281,32 @@ class WeightSyncConfig:
     master_port: int = 0  # 0 = pick a free port
     timeout_s: float = 120.0
     group_name: str = "asyncopd_weights"  # the torch.distributed group learner and engines form
+    # SGLang's /pause_generation mode around an update: retract (requests wait, their KV is recomputed under the
+    # new weights; the cache flushes), abort (requests in flight end with finish_reason=abort and the rollout
+    # dispatcher resumes each from its partial output under the new weights: the default of rollout=sglang),
+    # in_place (requests keep their KV; SGLang cannot flush then, so prefix-cache entries of the old weights
+    # survive), none (no pause and no flush: for engines that swap a whole update in at once, as the embedded
+    # one does), or auto (the rollout backend's: none for the embedded engine, so generation overlaps the
+    # broadcast; abort for SGLang)
+    pause_mode: str = "auto"
+    # dtype of the weights on the wire: auto (the engine's, from its /server_info or its checkpoint's config.json,
+    # resolved as SGLang resolves --dtype auto) | float32 | bfloat16 | float16; the learner casts before sending
+    dtype: str = "auto"
+    # "" (one broadcast per tensor) | flattened_bucket (one broadcast per bucket, SGLang's FlattenedTensorBucket)
+    load_format: str = ""
+
+
+@dataclass
+class SupervisionConfig:
+    """Keeping the serving tier whole: watchdogs in the server actors, restarts, re-dispatch, teacher retries."""
+
+    max_restarts: int = 3  # restarts of one engine or teacher replica (its server or its Ray actor) per run
+    health_interval_s: float = 5.0  # each server actor probes its server this often (0 = no watchdog)
+    health_timeout_s: float = 30.0  # one probe's deadline (SGLang's /health_generate waits up to 20 s itself)
+    health_failures: int = 3  # consecutive failed probes of a running server before its actor restarts it
+    restart_timeout_s: float = 600.0  # how long the driver waits for a lost server to serve again
+    max_redispatch: int = 3  # times one rollout request moves on after the engine serving it was lost
+    retry_attempts: int = 4  # tries of one teacher /score over the replicas, with bounded exponential backoff
 
 
 @dataclass
@@ -278,8 +331,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # several teachers, each sample scored by the one its `data.teacher_key` column names; empty = `teacher` alone
+    teachers: dict[str, NamedTeacherConfig] = field(default_factory=dict)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

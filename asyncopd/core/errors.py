@@ -19,3 +19,13 @@ class Problem:
 
 class StalenessViolation(RuntimeError):
     """A sample reached the learner more than `pipeline.max_staleness` versions behind: admission is broken."""
+
+
+class TeacherDegenerate(RuntimeError):
+    """A teacher answered 200 with scores no trained model gives (uniform, input-independent, NaN/inf): the run
+    stops before the learner trains on them. The CLI prints it and exits 1 without a traceback."""
+
+
+class AbortedRollout(RuntimeError):
+    """A response that ended in finish_reason=abort (cut by a weight update) reached the teacher or the learner
+    unresumed: training on it would teach the student to stop mid-answer."""

@@ -10,7 +10,7 @@ permutation per epoch and resumes at any position without replaying.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ class Sample:
     prompt_ids: tuple[int, ...]
     answer: str
     source: str  # "<file>:<row>" for logs and error messages
+    teacher: str = ""  # the teacher that scores its responses (its data.teacher_key value); "" = the only one
 
 
 @dataclass
@@ -132,9 +133,11 @@ def column(ds, key: str, name: str, path: str) -> list:
 
 
 def load_prompts(files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
-                 tokenizer_path: str, max_prompt_length: int, field: str) -> PromptSet:
+                 tokenizer_path: str, max_prompt_length: int, field: str,
+                 teachers: Collection[str] | None = None) -> PromptSet:
     """Every row of ``files`` (in order) as a Sample, dropping and counting prompts over ``max_prompt_length``
-    tokens; ``field`` (data.train_files / data.val_files) is named in every error."""
+    tokens; ``field`` (data.train_files / data.val_files) is named in every error. ``teachers``: the run's teacher
+    names, for a split the teachers score: with ``data.teacher_key`` set, each row's value must be one of them."""
     template = uses_chat_template(data, tokenizer, tokenizer_path)
     samples: list[Sample] = []
     rows = dropped = 0
@@ -142,6 +145,13 @@ def load_prompts(files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTo
         ds = read_rows(path, field)
         prompts = column(ds, data.prompt_key, "data.prompt_key", path)
         answers = column(ds, data.answer_key, "data.answer_key", path)
+        routed = teachers is not None and bool(data.teacher_key)
+        names = column(ds, data.teacher_key, "data.teacher_key", path) if routed else [""] * len(ds)
+        for i, name in enumerate(names):
+            if routed and name not in teachers:
+                raise ConfigError(f"{field}: {path} row {i} names teacher {name!r} (data.teacher_key="
+                                  f"{data.teacher_key!r}), which is not one of the run's teachers {sorted(teachers)}: "
+                                  "fix the row or add it to `teachers`")
         texts = []
         for i, prompt in enumerate(prompts):
             try:
@@ -151,13 +161,13 @@ def load_prompts(files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTo
                                   f"rendered: {e}. Check data.prompt_key, data.system_prompt and "
                                   "data.apply_chat_template") from None
         ids = tokenizer(texts, add_special_tokens=not template)["input_ids"]  # a template carries its own bos
-        for i, (tokens, answer) in enumerate(zip(ids, answers, strict=True)):
+        for i, (tokens, answer, name) in enumerate(zip(ids, answers, names, strict=True)):
             if answer is None:
                 raise ConfigError(f"{field}: {path} row {i} has no {data.answer_key!r} (data.answer_key)")
             if len(tokens) > max_prompt_length:
                 dropped += 1
                 continue
-            samples.append(Sample(tuple(tokens), str(answer), f"{path}:{i}"))
+            samples.append(Sample(tuple(tokens), str(answer), f"{path}:{i}", name))
         rows += len(ds)
     if dropped:
         log.warning("%s: dropped %d of %d prompts longer than %d tokens (data.max_prompt_length)",

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from asyncopd.config.schema import Config
 from asyncopd.core.types import LearnerBatch, StepResult
 from asyncopd.learner.backends import build_trainer
-from asyncopd.weights.broadcast import bucket_request, send_bucket
-from asyncopd.weights.process_group import find_free_port, init_weights_group
+from asyncopd.weights.broadcast import broadcast_buckets, bucket_requests, str_to_dtype
+from asyncopd.weights.process_group import destroy_weights_group, find_free_port, init_weights_group
 
 
 @ray.remote
@@ -50,27 +50,41 @@ class LearnerActor:
     def train_step(self, batch: LearnerBatch) -> StepResult:
         return self.trainer.train_step(batch)
 
-    def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
-        """The /update_weights_from_distributed payload of every bucket, in send order. Collective."""
-        return [bucket_request(bucket, group_name=group_name)
-                for bucket in self.trainer.named_weights_for_rollout(bucket_bytes)]
+    def weight_buckets(self, bucket_bytes: int, group_name: str, dtype: str = "", load_format: str = "") -> list[dict]:
+        """The /update_weights_from_distributed payload of every bucket, in send order, as `dtype` on the wire
+        ("" = the trainer's own). Collective."""
+        return bucket_requests(self.trainer.named_weights_for_rollout(bucket_bytes), group_name,
+                               str_to_dtype(dtype) if dtype else None, load_format)
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int,
                           group_name: str, backend: str, timeout_s: float) -> None:
-        """Host the weight-sync group as its rank 0 (learner rank 0 only; the engines are ranks 1..)."""
+        """Host the weight-sync group as its rank 0 (learner rank 0 only; the engines are ranks 1..). A group formed
+        before is left first: the driver re-forms the group when engines were lost or restarted (torch.distributed
+        groups cannot change members)."""
         if self.rank != 0:
             raise RuntimeError(f"learner rank {self.rank} asked to join the weight-sync group: only rank 0 sends")
+        destroy_weights_group(self.group)
+        self.group = None
         self.group = init_weights_group(master_address, master_port, world_size, rank=0,
                                         group_name=group_name, backend=backend, timeout_s=timeout_s)
 
-    def broadcast_weights(self, bucket_bytes: int) -> float:
-        """Every rank gathers the buckets (collective); rank 0 sends each, in order, to the engines."""
+    def broadcast_weights(self, bucket_bytes: int, dtype: str = "", load_format: str = "") -> float:
+        """Every rank gathers the buckets (collective); rank 0 casts each to the wire `dtype` and sends it, in
+        order, to the engines. Seconds it took."""
         if self.rank == 0 and self.group is None:
             raise RuntimeError("broadcast_weights before init_weight_group: the weight-sync group does not exist")
         t0 = time.perf_counter()
-        for bucket in self.trainer.named_weights_for_rollout(bucket_bytes):
+        weights = self.trainer.named_weights_for_rollout(bucket_bytes)
+        try:
+            broadcast_buckets(self.group if self.rank == 0 else None, weights, str_to_dtype(dtype) if dtype else None,
+                              load_format)
+        except Exception:
+            # an engine died mid-broadcast: leaving the group closes our side, so the engines still receiving fail
+            # at once instead of waiting out the group timeout; the driver re-forms the group
             if self.rank == 0:
-                send_bucket(self.group, [t for _, t in bucket])
+                destroy_weights_group(self.group)
+                self.group = None
+            raise
         return time.perf_counter() - t0
 
     def save(self, path: str) -> None:

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from asyncopd.core.types import EstimatorBatch, LearnerBatch, Rollout, TeacherScores
+from asyncopd.core.types import EstimatorBatch, LearnerBatch, Rollout, TeacherScores, require_finished
 
 
 def _pad(
@@ -20,6 +20,7 @@ def _pad(
 
 def collate(pairs: list[tuple[Rollout, TeacherScores]], pad_id: int) -> LearnerBatch:
     rollouts = [r for r, _ in pairs]
+    require_finished(rollouts, "the learner")  # a truncated response would teach the student to stop mid-answer
     scores = [s for _, s in pairs]
     T = max(max(r.num_tokens for r in rollouts), 1)
     L = max(len(r.prompt_ids) + r.num_tokens for r in rollouts)
@@ -46,7 +47,8 @@ def collate(pairs: list[tuple[Rollout, TeacherScores]], pad_id: int) -> LearnerB
         student_topk_ids=_pad([r.student_topk_ids for r in rollouts], T, 0, torch.long),
         teacher_student_topk_logprobs=_pad([s.student_topk_logprobs for s in scores], T, 0.0, torch.float32),
     )
-    return LearnerBatch(input_ids, attention_mask, response_index, est, [r.version_start for r in rollouts])
+    return LearnerBatch(input_ids, attention_mask, response_index, est, [r.oldest_version for r in rollouts],
+                        [r.versions_per_token() for r in rollouts])
 
 
 def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch.Tensor:

@@ -89,8 +89,8 @@ class LearnerGroup:
         """One optimizer step on every rank with the same batch (sent to the object store once)."""
         return self._all("train_step", ray.put(batch))
 
-    def weight_buckets(self, bucket_bytes: int, group_name: str) -> list[dict]:
-        return self._all("weight_buckets", bucket_bytes, group_name)
+    def weight_buckets(self, bucket_bytes: int, group_name: str, dtype: str = "", load_format: str = "") -> list[dict]:
+        return self._all("weight_buckets", bucket_bytes, group_name, dtype, load_format)
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int,
                           group_name: str, backend: str, timeout_s: float) -> None:
@@ -98,11 +98,11 @@ class LearnerGroup:
         self._rank0("init_weight_group", master_address, master_port, world_size, group_name, backend, timeout_s)
         self._weight_group = True
 
-    def broadcast_weights(self, bucket_bytes: int) -> float:
-        """Seconds rank 0 took to gather and send every bucket."""
+    def broadcast_weights(self, bucket_bytes: int, dtype: str = "", load_format: str = "") -> float:
+        """Seconds rank 0 took to gather, cast and send every bucket."""
         if not self._weight_group:  # checked here: a rank-0 failure would leave the other ranks in a gather
             raise RuntimeError("broadcast_weights before init_weight_group: the weight-sync group does not exist")
-        return self._all("broadcast_weights", bucket_bytes)
+        return self._all("broadcast_weights", bucket_bytes, dtype, load_format)
 
     def save(self, path: str) -> None:
         """Every rank writes its part (megatron: rank 0 the HF checkpoint, each rank its optimizer shard)."""

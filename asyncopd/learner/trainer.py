@@ -21,7 +21,7 @@ from asyncopd.core.types import LearnerBatch, StepResult
 from asyncopd.estimators.common import Tokens
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.collate import response_logits
-from asyncopd.learner.staleness import check_staleness
+from asyncopd.learner.staleness import check_staleness, token_staleness
 from asyncopd.model.scorer import token_vocab
 from asyncopd.net.server import vocabulary_card
 
@@ -98,6 +98,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.model.to_device(batch)
         lags = check_staleness(self.version, batch.versions, self.max_staleness)
+        token_lags = token_staleness(self.version, batch.token_versions)
         if self.requirements.needs_prox:
             batch.est.prox_logprobs = self.prox_logprobs(batch)
         logits = response_logits(self.logits(batch), batch.response_index)
@@ -112,7 +113,7 @@ class Trainer:
         self.version += 1
         metrics = {**metrics, "grad_norm": grad_norm, "lr": lr, "tokens": float(batch.est.mask.sum()),
                    "learner_time_s": time.perf_counter() - t0}
-        return StepResult(version=self.version, metrics=metrics, staleness=dict(lags))
+        return StepResult(version=self.version, metrics=metrics, staleness=dict(lags), token_staleness=dict(token_lags))
 
     def _lr(self) -> float:
         """Learning rate of the step that makes version + 1: linear warmup, then constant.

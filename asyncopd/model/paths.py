@@ -3,10 +3,11 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncopd.config.schema import Config, ModelConfig
+from asyncopd.config.schema import Config, ModelConfig, TeacherConfig
 from asyncopd.data.dataset import as_list
 
 DATA_DIR = "data"  # under model.artifacts_dir: the built-in task as a dataset (train.jsonl, val.jsonl)
+DEFAULT_TEACHER = "default"  # the name of the one `teacher` when `teachers` is empty
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,31 @@ def resolve_model_paths(cfg: ModelConfig, must_exist: bool = True) -> ModelPaths
                     f"{field} at a checkpoint directory"
                 )
     return paths
+
+
+@dataclass(frozen=True)
+class NamedTeacher:
+    """One teacher service of a run: its name (what a sample's `data.teacher_key` column says), the config
+    prefix its problems name, its settings and the checkpoint it serves."""
+
+    name: str
+    field: str  # "teacher" | "teachers.<name>"
+    cfg: TeacherConfig
+    path: str
+
+    @property
+    def path_field(self) -> str:
+        """The config field its checkpoint comes from, for messages."""
+        return f"{self.field}.model_path" if getattr(self.cfg, "model_path", "") else "model.teacher_path"
+
+
+def teacher_services(cfg: Config) -> list[NamedTeacher]:
+    """The run's teachers: `teachers` in config order, else the one `teacher` named DEFAULT_TEACHER; a
+    checkpoint left empty is model.teacher_path, else the prepared teacher (one rule for every consumer)."""
+    default = cfg.model.teacher_path or str(Path(cfg.model.artifacts_dir) / "teacher")
+    if not cfg.teachers:
+        return [NamedTeacher(DEFAULT_TEACHER, "teacher", cfg.teacher, default)]
+    return [NamedTeacher(name, f"teachers.{name}", t, t.model_path or default) for name, t in cfg.teachers.items()]
 
 
 def resolve_data_files(cfg: Config) -> tuple[list[str], list[str]]:

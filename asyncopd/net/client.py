@@ -11,17 +11,66 @@ from __future__ import annotations
 import http.client
 import json as jsonlib
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 
 class ServerError(RuntimeError):
     """A server answered with an error status (the server's own message is included), or not at all."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, timed_out: bool = False):
         super().__init__(message)
         self.status = status
+        self.timed_out = timed_out  # the deadline passed with the server still on it: busy, not known to be gone
+
+
+def unanswered(e: BaseException) -> bool:
+    """The server gave no answer (refused, reset): it may be gone, so its supervisor should look. A request that
+    outran its deadline is not that: a long generation or a paused engine is alive, and restarting it would lose
+    its work (the caller's error names the deadline to raise)."""
+    return isinstance(e, ServerError) and e.status is None and not e.timed_out
+
+
+def transient(e: BaseException) -> bool:
+    """Another try may succeed, here later or on another replica: no answer, or a 5xx. A 4xx never does."""
+    return isinstance(e, ServerError) and (e.status is None or e.status >= 500)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Bounded exponential backoff: at most `attempts` tries, try k+1 after min(base_s * 2**k, max_s) seconds, and
+    none started after `deadline_s` from the first (each try keeps its own request deadline, `timeout_s`)."""
+
+    attempts: int = 4
+    base_s: float = 0.2
+    max_s: float = 5.0
+    deadline_s: float = 600.0
+
+    def delays(self) -> Iterator[float]:
+        """The waits between tries: attempts - 1 of them."""
+        for k in range(max(self.attempts, 1) - 1):
+            yield min(self.base_s * 2**k, self.max_s)
+
+    def call(self, fn: Callable[[int], T], retry_if: Callable[[BaseException], bool] = transient) -> T:
+        """`fn(attempt)` until it returns, retrying errors `retry_if` accepts; the last error is raised once the
+        tries or the deadline run out (`attempt` lets a caller pick another replica per try)."""
+        deadline = time.monotonic() + self.deadline_s
+        delays = self.delays()
+        attempt = 0
+        while True:
+            try:
+                return fn(attempt)
+            except Exception as e:
+                delay = next(delays, None)
+                if not retry_if(e) or delay is None or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            attempt += 1
 
 
 @dataclass
@@ -49,19 +98,24 @@ _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
 
 class HttpClient:
     def __init__(self, base_url: str, api_key: str = "", timeout_s: float = 300.0):
+        self.retarget(base_url)
+        self.timeout_s = timeout_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._local = threading.local()
+
+    def retarget(self, base_url: str) -> None:
+        """Talk to `base_url` from now on (a restarted server on another port); every thread's kept-alive
+        connection to the old address is dropped at its next call."""
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
         self._https = parts.scheme == "https"
         self._host, self._port, self._prefix = parts.hostname or "", parts.port, parts.path
-        self.timeout_s = timeout_s
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._local = threading.local()
 
     def _connection(self, fresh: bool = False) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
-        if conn is None or fresh:
+        if conn is None or fresh or (conn.host, conn.port) != (self._host, self._port or conn.default_port):
             if conn is not None:
                 conn.close()
             cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
@@ -80,7 +134,8 @@ class HttpClient:
 
     def request(self, method: str, path: str, *, timeout_s: float | None = None, json: Any = None,
                 data: bytes | None = None, headers: dict[str, str] | None = None) -> Response:
-        """One call on this thread's kept-alive connection; raises ServerError on no answer or status >= 400."""
+        """One call on this thread's kept-alive connection, `timeout_s` its deadline; raises ServerError on no answer
+        or status >= 400 (retrying is the caller's: Backoff, on the same server or another)."""
         url = self.base_url + path
         hdrs = {**self._headers, **(headers or {})}
         body = data
@@ -98,6 +153,10 @@ class HttpClient:
                 r = self._send(self._connection(fresh=True), method, path, body, hdrs, timeout)
         except (OSError, http.client.HTTPException) as e:
             self._connection(fresh=True)  # never reuse a connection left mid-exchange
+            if isinstance(e, TimeoutError):  # socket.timeout is TimeoutError
+                raise ServerError(f"{method} {url}: no answer within {timeout:g} s (the request's deadline: raise "
+                                  "rollout.request_timeout_s / teacher.request_timeout_s for longer generations)",
+                                  timed_out=True) from None
             raise ServerError(f"{method} {url}: no answer ({type(e).__name__}: {e})") from None
         if r.status_code >= 400:
             try:

@@ -19,8 +19,9 @@ from asyncopd.data.tokenizer import TOKENIZER_FILE, tokenizer_fingerprint, token
 
 log = logging.getLogger(__name__)
 
-# Paths anyone on the network may read without the API key (liveness probes, like SGLang's).
-PUBLIC_PATHS = frozenset({"/health"})
+# Paths anyone on the network may read without the API key: liveness probes, as SGLang exempts /health*
+# (its /health_generate runs a one-token generation: a probe, not an admin or weight endpoint).
+PUBLIC_PATHS = frozenset({"/health", "/health_generate"})
 
 
 class ApiError(Exception):
@@ -50,9 +51,19 @@ def check_bind(host: str, api_key: str, what: str) -> None:
             f"(clients then send 'Authorization: Bearer <key>') or bind {what}.host=127.0.0.1")
 
 
-def make_app(title: str, api_key: str = "") -> FastAPI:
-    """A FastAPI app that answers ApiError as JSON {"error"}, and checks the bearer key when set."""
+def too_large(what: str, limit: int, field: str) -> ApiError:
+    """HTTP 413 naming the limit and the setting that raises it."""
+    return ApiError(f"{what} exceeds the limit {field}={limit}; split the request or raise {field}", status=413)
+
+
+def make_app(title: str, api_key: str = "", max_body_bytes: int = 0, limit_field: str = "max_request_bytes") -> FastAPI:
+    """A FastAPI app that answers ApiError as JSON {"error"}, and checks the bearer key when set.
+
+    `max_body_bytes` > 0 caps a request body: a larger Content-Length is refused before the body is read, and
+    `read_json` stops reading a chunked body at the cap (413 naming `limit_field`)."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.max_body_bytes = int(max_body_bytes)
+    app.state.limit_field = limit_field
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -62,6 +73,15 @@ def make_app(title: str, api_key: str = "") -> FastAPI:
     async def _internal(_request: Request, exc: Exception):
         log.exception("%s: unhandled error", title)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    if max_body_bytes:
+        @app.middleware("http")
+        async def _body_limit(request: Request, call_next):
+            size = request.headers.get("content-length", "")
+            if size.isdigit() and int(size) > max_body_bytes:
+                exc = too_large(f"request body of {size} bytes", max_body_bytes, limit_field)
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
+            return await call_next(request)
 
     if api_key:
         expected = f"Bearer {api_key}".encode()
@@ -79,8 +99,22 @@ def make_app(title: str, api_key: str = "") -> FastAPI:
     return app
 
 
+async def read_body(request: Request) -> bytes:
+    """The request body, read no further than the app's `max_body_bytes` (chunked bodies carry no length)."""
+    limit = getattr(request.app.state, "max_body_bytes", 0)
+    if not limit:
+        return await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"request body of over {limit} bytes", limit, request.app.state.limit_field)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    body = await request.body()
+    body = await read_body(request)
     try:
         payload = json.loads(body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,6 +161,11 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether uvicorn still serves (a standalone server exits when it does not)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True
         self._thread.join(timeout_s)
@@ -147,6 +186,10 @@ class HttpService:
     def start(self):
         self._server.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        return self._server.alive
 
     def stop(self) -> None:
         self._server.stop()

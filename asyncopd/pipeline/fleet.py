@@ -1,20 +1,21 @@
 """The serving side of a run: rollout engines and teacher replicas as Ray actors, and their clients."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
-from asyncopd.core.protocols import TeacherService
 from asyncopd.core.types import Rollout
-from asyncopd.model.paths import ModelPaths
+from asyncopd.model.paths import ModelPaths, teacher_services
 from asyncopd.net.server import vocabulary_card
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.rollout.client import SGLangClient
+from asyncopd.rollout.dispatch import Dispatcher
+from asyncopd.rollout.sglang_router import ROUTERS, SGLangRouter, lost_behind
 from asyncopd.teacher.backends import TEACHER_BACKENDS
+from asyncopd.teacher.router import TeacherRouter
 
 
 class VocabularyMismatch(ConfigError):
@@ -63,63 +64,116 @@ def check_vocabulary_pair(student: dict, teacher: dict) -> None:
 
 
 class Fleet:
-    def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherService,
+    def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherRouter,
                  teacher_accuracy: float | None):
         self.cfg = cfg
         self.actors = actors
         self.engines = engines
         self.teacher = teacher
         self.teacher_accuracy = teacher_accuracy
-        self.pool = ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="rollout")
+        r = cfg.rollout
+        self.direct = Dispatcher(engines, r.max_inflight_per_engine, r.samples_per_request, r.max_batch_size,
+                                 max_redispatch=cfg.supervision.max_redispatch)
+        # the Ray actors behind engines[i] and teacher.clients[name].replicas[k] (launch): what a supervisor restarts
+        self.engine_actors: list = []
+        self.teacher_actors: dict[str, list] = {}
+        self.router: SGLangRouter | None = None  # rollout.router=sglang_router (start_router)
+        self.routed: Dispatcher | None = None
 
     @classmethod
     def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
-        rollout, teacher_backend = ROLLOUT_BACKENDS[cfg.rollout.backend], TEACHER_BACKENDS[cfg.teacher.backend]
-        engine_host = rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine)
-        teacher_host = teacher_backend.host().options(num_cpus=0, num_gpus=cfg.teacher.gpus_per_replica)
-        engine_actors = [engine_host.remote(paths.student, cfg.rollout) for _ in range(cfg.rollout.num_engines)]
-        teacher_actors = [teacher_host.remote(paths.teacher, cfg.teacher) for _ in range(cfg.teacher.replicas)]
+        rollout, sup = ROLLOUT_BACKENDS[cfg.rollout.backend], cfg.supervision
+        # max_restarts: Ray restarts an actor whose process died (the embedded servers run inside it)
+        engine_host = rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine,
+                                             max_restarts=sup.max_restarts)
+        engine_actors = [engine_host.remote(paths.student, cfg.rollout, sup) for _ in range(cfg.rollout.num_engines)]
+        services = teacher_services(cfg)
+        teacher_actors = {t.name: [TEACHER_BACKENDS[t.cfg.backend].host().options(
+            num_cpus=0, num_gpus=t.cfg.gpus_per_replica, max_restarts=sup.max_restarts).remote(t.path, t.cfg, sup)
+            for _ in range(t.cfg.replicas)] for t in services}
+        started = {name: [a.start.remote() for a in actors] for name, actors in teacher_actors.items()}  # all at once
         engine_urls = ray.get([a.start.remote() for a in engine_actors])
-        teacher_urls = ray.get([a.start.remote() for a in teacher_actors])
+        teacher_urls = {name: ray.get(refs) for name, refs in started.items()}
         engines = [SGLangClient(u, api_key=cfg.rollout.api_key, timeout_s=cfg.rollout.request_timeout_s)
                    for u in engine_urls]
-        teacher = teacher_backend.client(teacher_urls, api_key=cfg.teacher.api_key,
-                                         timeout_s=cfg.teacher.request_timeout_s, wire_dtype=cfg.teacher.wire_dtype)
+        # vocab_size: the ids a teacher's distributions span (its tokenizer's), for the uniform-scores check
+        teacher = TeacherRouter({t.name: TEACHER_BACKENDS[t.cfg.backend].client(
+            teacher_urls[t.name], api_key=t.cfg.api_key, timeout_s=t.cfg.request_timeout_s,
+            wire_dtype=t.cfg.wire_dtype, check_scores=t.cfg.check_scores, retry_attempts=sup.retry_attempts,
+            vocab_size=vocabulary_of({"model_path": t.path})["tokenizer_vocab_size"] or None) for t in services})
         prepared = Path(cfg.model.artifacts_dir) / "prepare.json"
         accuracy = None
-        if not cfg.model.teacher_path and prepared.exists():
+        if not cfg.model.teacher_path and not cfg.teachers and prepared.exists():  # measured of the prepared one
             accuracy = json.loads(prepared.read_text())["teacher"]["accuracy"]
-        return cls(cfg, engine_actors + teacher_actors, engines, teacher, accuracy)
+        fleet = cls(cfg, engine_actors + [a for actors in teacher_actors.values() for a in actors], engines, teacher,
+                    accuracy)
+        fleet.engine_actors, fleet.teacher_actors = engine_actors, teacher_actors
+        try:
+            fleet.start_router()
+        except BaseException:
+            fleet.shutdown()
+            raise
+        return fleet
+
+    def start_router(self) -> None:
+        """rollout.router=sglang_router: the router over the engines, on 127.0.0.1; /generate goes through it from
+        now on (at most max_inflight_per_engine x engines in flight), weight sync, pause and abort still go to each
+        engine (the router forwards none of them)."""
+        r = self.cfg.rollout
+        if r.router == "none":
+            return
+        if r.router not in ROUTERS:
+            raise ConfigError(f"rollout.router={r.router!r} is unknown: use one of {list(ROUTERS)}")
+        self.router = SGLangRouter([e.base_url for e in self.engines], api_key=r.api_key,
+                                   request_timeout_s=r.request_timeout_s, extra_args=r.router_args)
+        url = self.router.start()
+        # a request an engine behind the router lost goes through it again (the supervisor takes that engine out)
+        self.routed = Dispatcher([SGLangClient(url, api_key=r.api_key, timeout_s=r.request_timeout_s)],
+                                 r.max_inflight_per_engine * len(self.engines), r.samples_per_request,
+                                 r.max_batch_size, one_seed_per_request=True,
+                                 max_redispatch=self.cfg.supervision.max_redispatch, lost=lost_behind)
+
+    def request_counts(self) -> dict:
+        """/generate requests each engine served directly, and those sent through the router (which spread them)."""
+        return {"per_engine": list(self.direct.pool.served),
+                "via_router": sum(self.routed.pool.served) if self.routed is not None else 0}
+
+    def redispatched(self) -> int:
+        """Rollout requests sent again after an engine serving them was lost, directly or behind the router."""
+        return sum(d.pool.redispatched for d in (self.direct, self.routed) if d is not None)
 
     def check_vocabularies(self) -> None:
-        """Refuse to distil across tokenizers: teacher scores index the student's vocabulary."""
-        check_vocabulary_pair(self.engines[0].model_info(), self.teacher.model_info()[0])  # replicas agree
+        """Refuse to distil across tokenizers: every teacher's scores index the student's vocabulary."""
+        student = self.engines[0].model_info()
+        for client in self.teacher.clients.values():
+            check_vocabulary_pair(student, client.model_info()[0])  # a teacher's replicas agree
 
     def generate(self, prompts: list[list[int]], *, temperature: float | None = None, mc_samples: int = 0,
                  student_top_k: int = 0, seed: int | None = None) -> list[Rollout]:
-        """Split the batch evenly across engines and generate the shards concurrently (engine i samples with
-        ``seed + i`` when a seed is given)."""
+        """Rollouts in prompt order, each request sent to whichever engine has a free slot (asyncopd.rollout.dispatch)
+        or through sglang-router; sample i draws with `sample_seed(seed, i)` when a seed is given, so its tokens do
+        not depend on the engine that drew them. Requests carrying mc_samples go to the engines directly: the
+        router drops our extension (asyncopd.rollout.sglang_router)."""
         r = self.cfg.rollout
-        n = len(self.engines)
-        shards = [prompts[i::n] for i in range(n)]
-        futures = [
-            self.pool.submit(engine.generate, shard, max_new_tokens=r.max_new_tokens,
-                             temperature=r.temperature if temperature is None else temperature,
-                             top_p=r.top_p, mc_samples=mc_samples, student_top_k=student_top_k,
-                             seed=None if seed is None else seed + i)
-            for i, (engine, shard) in enumerate(zip(self.engines, shards, strict=True)) if shard
-        ]
-        results = [f.result() for f in futures]
-        out: list[Rollout] = [None] * len(prompts)  # type: ignore[list-item]
-        for i, shard in enumerate(results):
-            out[i::n] = shard
-        return out
+        via = self.routed if self.routed is not None and not mc_samples else self.direct
+        return via.generate(prompts, seed=seed, max_new_tokens=r.max_new_tokens,
+                            temperature=r.temperature if temperature is None else temperature, top_p=r.top_p,
+                            mc_samples=mc_samples, student_top_k=student_top_k)
 
     def shutdown(self) -> None:
-        """Servers stop first (engines leave the weight group while its rank 0 still exists), then die."""
-        self.pool.shutdown(wait=False)
+        """The router stops, then the servers (engines leave the weight group while its rank 0 still exists), then
+        they die."""
+        for dispatcher in (self.direct, self.routed):
+            if dispatcher is not None:
+                dispatcher.shutdown()
+        if self.router is not None:
+            self.router.stop()
+        if not self.actors:  # servers started elsewhere (`asyncopd serve`): nothing of Ray's to stop
+            return
         try:
             ray.get([a.stop.remote() for a in self.actors], timeout=30)
+        except ray.exceptions.RayError:  # a server lost or still restarting (a fault late in the run): killed below
+            pass
         finally:
             for a in self.actors:
                 ray.kill(a)

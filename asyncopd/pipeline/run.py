@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -20,15 +21,15 @@ from asyncopd.core.protocols import LearnerHandle
 from asyncopd.data.dataset import PromptSet, Sample, load_prompts
 from asyncopd.data.tokenizer import load_tokenizer
 from asyncopd.data.verifiers import avg_at_k, build_verifier
+from asyncopd.learner.checkpoints import resolve_checkpoint, save_checkpoint, step_dirs
 from asyncopd.learner.group import LearnerGroup
-from asyncopd.model.paths import ModelPaths, resolve_data_files, resolve_model_paths
+from asyncopd.model.paths import ModelPaths, resolve_data_files, resolve_model_paths, teacher_services
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.pipeline.loop import OPDLoop, train
 from asyncopd.pipeline.run_logger import RunLogger
 from asyncopd.pipeline.scheduler import StageTimes
-from asyncopd.rollout.backends import ROLLOUT_BACKENDS
+from asyncopd.pipeline.supervisor import Supervisor
 from asyncopd.validation.rules import validate
-from asyncopd.weights.sync import WeightSync
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -59,7 +60,8 @@ def load_data(cfg: Config, paths: ModelPaths, tokenizer) -> tuple[PromptSet, Pro
     """Train and val prompts, rendered and tokenized once, before anything starts: bad data costs nothing."""
     train_files, val_files = resolve_data_files(cfg)
     kw = {"tokenizer_path": paths.tokenizer, "max_prompt_length": prompt_budget(cfg, paths)}
-    train = load_prompts(train_files, cfg.data, tokenizer, field="data.train_files", **kw)
+    train = load_prompts(train_files, cfg.data, tokenizer, field="data.train_files",
+                         teachers=[t.name for t in teacher_services(cfg)], **kw)  # only training data is scored
     val = load_prompts(val_files, cfg.data, tokenizer, field="data.val_files", **kw) if val_files else None
     for name, s in (("train", train), ("val", val)):
         if s is not None and cfg.run.progress:
@@ -89,14 +91,14 @@ def evaluate_student(fleet: Fleet, tokenizer, samples: list[Sample], verifier: C
     return out
 
 
-def resume(cfg: Config, learner: LearnerHandle, sync: WeightSync) -> int:
+def resume(cfg: Config, learner: LearnerHandle, sync: Supervisor) -> int:
     """Load `run.resume_from` (weights, optimizer, version) and push it to the fleet; returns the version.
 
     The version is the staleness clock, so it must survive a resume: the next batch is `version`, its
     prompts are the ones the original run would have used next, and admission starts from there."""
     if not cfg.run.resume_from:
         return 0
-    version = learner.load(cfg.run.resume_from)
+    version = learner.load(str(resolve_checkpoint(cfg.run.resume_from)))
     if version >= cfg.pipeline.steps:
         raise ConfigError(f"run.resume_from={cfg.run.resume_from!r} is at version {version}, already >= "
                          f"pipeline.steps={cfg.pipeline.steps}: raise pipeline.steps to train further")
@@ -123,8 +125,7 @@ def run_training(cfg: Config) -> dict:
         fleet = Fleet.launch(cfg, paths)
         fleet.check_vocabularies()
         learner = learner_launch.result()
-        sync = WeightSync(cfg.weights, learner, fleet.engines,
-                          pause_engines=ROLLOUT_BACKENDS[cfg.rollout.backend].pause_for_weight_update)
+        sync = Supervisor(cfg, fleet, learner)  # the weight sync over the live engines; restarts lost servers
         sync.init_group()
         start = resume(cfg, learner, sync)
         val = val_set.samples[: cfg.pipeline.eval_prompts] if val_set else []
@@ -144,7 +145,11 @@ def run_training(cfg: Config) -> dict:
 
         evaluate(start)
         loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, train_set.samples, verifier, logger.step, start)
-        checkpoint = str(run_dir / "checkpoint")
+        saved = [start]
+
+        def save(step: int) -> None:
+            save_checkpoint(run_dir, step, learner.save, cfg.run.keep_checkpoints)
+            saved.append(step)
 
         def after_step(s: int, times: StageTimes) -> None:
             nonlocal eval_time
@@ -155,14 +160,15 @@ def run_training(cfg: Config) -> dict:
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
                 eval_time += evaluate(step)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
-                learner.save(checkpoint)
+                save(step)
 
         times = train(loop, start, after_step)
         evaluate(cfg.pipeline.steps)
-        learner.save(checkpoint)
+        if saved[-1] != cfg.pipeline.steps:
+            save(cfg.pipeline.steps)
         builtin = not (cfg.data.train_files or cfg.data.val_files)  # the teacher was measured on the task's val
         summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy if builtin else None,
-                           {"train": train_set.summary(), "val": val_set.summary() if val_set else None})
+                           {"train": train_set.summary(), "val": val_set.summary() if val_set else None}, sync)
         print(logger.summary(summary))
         return summary
     finally:
@@ -180,7 +186,8 @@ def run_training(cfg: Config) -> dict:
 
 
 def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, loop: OPDLoop,
-             evals: list[tuple[int, dict[str, float]]], teacher_accuracy: float | None, data: dict) -> dict:
+             evals: list[tuple[int, dict[str, float]]], teacher_accuracy: float | None, data: dict,
+             supervisor: Supervisor) -> dict:
     train_wall = times.wall_s - eval_time
     per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}
     last = loop.history[-1] if loop.history else {}
@@ -198,8 +205,10 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, lo
         "busy_teacher_s": per_role["teacher"],
         "busy_learner_s": per_role["learner"],
         "ideal_speedup": times.ideal_speedup(),
-        "staleness_histogram": dict(sorted(loop.staleness.items())),
+        "staleness_histogram": dict(sorted(loop.staleness.items())),  # by sample: its oldest token's lag
+        "token_staleness_histogram": dict(sorted(loop.token_staleness.items())),
         "max_observed_staleness": max(loop.staleness) if loop.staleness else 0,
+        "weight_sync": _sync_summary(loop.syncs),
         "data": data,
         "verifier": cfg.data.verifier,
         "initial_accuracy": first,
@@ -209,7 +218,31 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, lo
         "gap_closed": None if first is None else _gap_closed(first, final, teacher_accuracy),
         "accuracy_curve": [(step, m["eval/pass@1"]) for step, m in evals],
         "final_loss": last.get("loss"),
+        "teachers": loop.fleet.teacher.totals,  # per teacher: samples, tokens, seconds, bytes scored
+        # each prompt trained exactly once, faults or not: both are (steps - resumed step) x batch
+        "prompts_trained": len(loop.trained),
+        "prompts_unique": len(set(loop.trained)),
+        "faults": [asdict(f) for f in supervisor.faults],  # servers lost: role, index, step, time lost
+        # trained samples a weight update aborted (weights.pause_mode=abort) that resumed from their partial output,
+        # and the resume requests that took (asyncopd.rollout.dispatch)
+        "resumed": loop.resumed,
+        "resume_pieces": loop.resume_pieces,
+        "redispatched_requests": loop.fleet.redispatched(),  # rollout requests moved off a lost engine
+        "rollout_requests": loop.fleet.request_counts(),  # how /generate spread over the engines (and the router)
+        "checkpoints": [p.name for p in step_dirs(run_dir)],
     }
+
+
+def _sync_summary(syncs: list) -> dict | None:
+    """Per-update weight-sync medians over the run (bytes, seconds, GB/s, engine stall) and their worst case."""
+    if not syncs:
+        return None
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {"updates": len(syncs), "bytes": syncs[-1].bytes, "buckets": syncs[-1].buckets,
+            "median_s": med([x.seconds for x in syncs]), "max_s": max(x.seconds for x in syncs),
+            "median_gbps": med([x.gbps for x in syncs]), "median_transfer_s": med([x.transfer_s for x in syncs]),
+            "median_engine_stall_s": med([x.engine_stall_s for x in syncs]),
+            "max_engine_stall_s": max(x.engine_stall_s for x in syncs)}
 
 
 def _launched_or_none(launch: Future, timeout_s: float = 120.0) -> LearnerGroup | None:

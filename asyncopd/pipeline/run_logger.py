@@ -17,17 +17,23 @@ class RunLogger:
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, desc="opd", unit="step", disable=not progress, dynamic_ncols=True)
         self.staleness: Counter = Counter()
+        self.token_staleness: Counter = Counter()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def step(self, step: int, values: dict[str, float], staleness: Counter) -> None:
+    def step(self, step: int, values: dict[str, float], staleness: Counter, token_staleness: Counter | None = None
+             ) -> None:
+        """Scalars, and the cumulative staleness histograms: by sample (its oldest token's lag) and by token."""
         self.staleness.update(staleness)
+        self.token_staleness.update(token_staleness or {})
         self.scalars(step, values)
         if self.writer is not None and staleness:
             self.writer.add_histogram("staleness/histogram", _expand(self.staleness), step, bins="auto")
+        if self.writer is not None and self.token_staleness:
+            self.writer.add_histogram("staleness/token_histogram", _expand(self.token_staleness), step, bins="auto")
         shown = {k: values[k] for k in ("loss", "kl", "eval/pass@1", "throughput/samples_per_s") if k in values}
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(1)

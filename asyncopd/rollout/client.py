@@ -9,6 +9,7 @@ import numpy as np
 
 from asyncopd.core.types import Rollout
 from asyncopd.net.client import HttpClient, ServerError
+from asyncopd.weights.versions import token_versions
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -52,7 +53,8 @@ class SGLangClient(HttpClient):
         return self._server_info
 
     def get_weight_version(self) -> int:
-        return parse_version(self.get_json("/get_weight_version").get("weight_version"))
+        """The served version, from /model_info (SGLang 0.5.23 has no /get_weight_version)."""
+        return parse_version(self.model_info().get("weight_version"))
 
     # ---- generation --------------------------------------------------------------------------------
     def generate_raw(self, payload: dict) -> dict | list[dict]:
@@ -61,8 +63,9 @@ class SGLangClient(HttpClient):
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, stop_token_ids: Sequence[int] = (), mc_samples: int = 0,
                  student_top_k: int = 0, metadata: Sequence[dict] | None = None,
-                 seed: int | None = None) -> list[Rollout]:
-        """Sample one response per prompt, as one batched request; returns Rollouts in prompt order."""
+                 seed: int | Sequence[int] | None = None) -> list[Rollout]:
+        """Sample one response per prompt, as one batched request; returns Rollouts in prompt order. `seed`: one
+        for the request, or one per prompt (sent as per-item sampling_params: each row its own stream)."""
         if metadata is not None and len(metadata) != len(prompts):
             raise ValueError(f"metadata has {len(metadata)} entries for {len(prompts)} prompts")
         if mc_samples > 0 and not self.server_info().get("supports_mc_samples"):
@@ -76,10 +79,14 @@ class SGLangClient(HttpClient):
                                     "top_p": float(top_p)}
         if stop_token_ids:
             sampling["stop_token_ids"] = [int(t) for t in stop_token_ids]
-        if seed is not None:
+        per_item = seed is not None and not isinstance(seed, (int, np.integer))
+        if per_item and len(seed) != len(prompts):
+            raise ValueError(f"seed has {len(seed)} entries for {len(prompts)} prompts")
+        if seed is not None and not per_item:
             sampling["sampling_seed"] = int(seed)
         payload: dict[str, Any] = {"input_ids": [[int(t) for t in p] for p in prompts],
-                                   "sampling_params": sampling, "return_logprob": True}
+                                   "sampling_params": [{**sampling, "sampling_seed": int(x)} for x in seed]
+                                   if per_item else sampling, "return_logprob": True}
         if student_top_k:
             payload["top_logprobs_num"] = int(student_top_k)
         if mc_samples:
@@ -98,12 +105,11 @@ class SGLangClient(HttpClient):
             raise ServerError(f"{self.base_url}/generate: {len(lps)} output_token_logprobs for "
                               f"{len(out)} output_ids")
         logprobs = np.asarray([e[0] for e in lps], dtype=np.float32).reshape(len(out))
-        version_end = parse_version(meta.get("weight_version"))
-        version_start = parse_version(meta.get("weight_version_start", meta.get("weight_version")))
+        versions, version_start, version_end = self._versions(meta, len(out))
         r = Rollout(prompt_ids=np.asarray(prompt, dtype=np.int32), response_ids=out, logprobs=logprobs,
                     version_start=version_start, version_end=version_end,
                     finish_reason=_finish_reason(meta.get("finish_reason")),
-                    metadata=dict(metadata) if metadata else {})
+                    metadata=dict(metadata) if metadata else {}, token_versions=versions)
         if mc:
             r.mc_ids = np.asarray(meta["output_mc_ids"], dtype=np.int32).reshape(len(out), mc)
             r.mc_logprobs = np.asarray(meta["output_mc_logprobs"], dtype=np.float32).reshape(len(out), mc)
@@ -117,6 +123,21 @@ class SGLangClient(HttpClient):
             r.student_topk_logprobs = np.asarray([[e[0] for e in row] for row in tops],
                                                  dtype=np.float32).reshape(len(out), top_k)
         return r
+
+    def _versions(self, meta: dict, n: int) -> tuple[np.ndarray | None, int, int]:
+        """(per-token versions, first, last) from SGLang's `weight_versions` spans. A server without them (SGLang
+        before 0.5.23) reports only the version it holds when the response ends, the newest a token can have:
+        charging that would hide staleness, so such a server is refused."""
+        spans = meta.get("weight_versions")
+        if spans is None:
+            raise ServerError(f"{self.base_url}/generate: no meta_info.weight_versions spans, so the weight version of "
+                              "each token is unknown and staleness cannot be bounded; use SGLang 0.5.23 or later "
+                              "(the version the gpu extra pins)")
+        try:
+            per_token = token_versions(spans, n, parse_version)
+        except ValueError as e:
+            raise ServerError(f"{self.base_url}/generate: {e}") from None
+        return per_token, parse_version(spans[0]["version"]), parse_version(spans[-1]["version"])
 
     # ---- control and weight sync -------------------------------------------------------------------
     def _control(self, path: str, payload: dict | None = None, timeout_s: float | None = None) -> dict:
@@ -135,32 +156,49 @@ class SGLangClient(HttpClient):
     def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
                                         shapes: Sequence[Sequence[int]], group_name: str = SGLANG_GROUP_NAME,
                                         flush_cache: bool = True, weight_version: str | int | None = None,
-                                        load_format: str | None = None, commit: bool | None = None) -> dict:
-        """Receive one bucket broadcast by rank 0 (call concurrently with the sender).
-
-        `commit=False` (embedded engine only; SGLang ignores it and loads at once) stages the bucket;
-        the next call with commit left on swaps every staged bucket in at one decode-step boundary.
-        """
+                                        load_format: str | None = None) -> dict:
+        """Receive one bucket broadcast by rank 0 (call concurrently with the sender), inside a
+        begin_weight_update ... end_weight_update session (SGLang 0.5.23 refuses it outside one). flush_cache
+        defaults to SGLang's True; a sync that flushed before the buckets sends False."""
         payload: dict[str, Any] = {"names": list(names), "dtypes": list(dtypes),
                                    "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
                                    "flush_cache": flush_cache}
         if weight_version is not None:
             payload["weight_version"] = str(weight_version)
-        if load_format is not None:
+        if load_format:
             payload["load_format"] = load_format
-        if commit is not None:
-            payload["commit"] = commit
         return self._control("/update_weights_from_distributed", payload)
 
     def destroy_weights_update_group(self, group_name: str = SGLANG_GROUP_NAME) -> dict:
         return self._control("/destroy_weights_update_group", {"group_name": group_name})
 
-    def flush_cache(self) -> dict:
-        r = self.request("POST", "/flush_cache")
-        return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else {}
+    def begin_weight_update(self) -> dict:
+        """Open SGLang's weight-update session (selector "all": the target model and any draft model)."""
+        return self._control("/begin_weight_update", {})
 
-    def pause_generation(self, mode: str = "in_place") -> dict:
-        """mode "in_place" (requests wait, keep their KV cache), "retract", or "abort" (SGLang's default)."""
+    def end_weight_update(self) -> dict:
+        return self._control("/end_weight_update", {})
+
+    def update_weight_version(self, version: str | int, abort_all_requests: bool = True) -> dict:
+        """Relabel the served weights; SGLang aborts the requests in flight unless abort_all_requests=False."""
+        return self._control("/update_weight_version", {"new_version": str(version),
+                                                        "abort_all_requests": abort_all_requests})
+
+    def flush_cache(self, timeout_s: float = 0.0) -> bool:
+        """Whether the engine flushed (SGLang answers 400 while requests hold KV; `timeout_s` > 0 lets it wait
+        that long for them)."""
+        try:
+            self.request("POST", f"/flush_cache?timeout={float(timeout_s)}" if timeout_s > 0 else "/flush_cache",
+                         timeout_s=max(self.timeout_s, timeout_s + 30.0))
+        except ServerError as e:
+            if e.status == 400:
+                return False
+            raise
+        return True
+
+    def pause_generation(self, mode: str = "abort") -> dict:
+        """mode "abort" (SGLang's default: requests in flight end), "retract" (they wait, their KV recomputed
+        after), or "in_place" (they wait with their KV)."""
         return self._control("/pause_generation", {"mode": mode})
 
     def continue_generation(self) -> dict:

@@ -14,13 +14,13 @@ class TeacherHost(ServiceHost):
     role = "teacher"
     cfg: TeacherConfig
 
-    def _launch(self):
+    def _launch(self, port: int):
         from asyncopd.model.build import load_model
         from asyncopd.teacher.server import TeacherServer
 
         set_threads(self.cfg.threads)
         model = load_model(self.model_path, field="model.teacher_path")
-        return TeacherServer(model, self.model_path, host=self.cfg.host, port=self.cfg.port,
+        return TeacherServer(model, self.model_path, host=self.cfg.host, port=port,
                              api_key=self.cfg.api_key, max_tokens_per_forward=self.cfg.max_tokens_per_forward
                              ).start()
 

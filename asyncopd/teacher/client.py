@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from asyncopd.core.types import Rollout, TeacherScores
-from asyncopd.net.client import HttpClient, ServerError
+from asyncopd.net.client import Backoff, HttpClient, ServerError, unanswered
 from asyncopd.teacher import wire
+from asyncopd.teacher.health import check_scores
 
 
 def _split_balanced(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
@@ -27,10 +29,20 @@ def _split_balanced(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
 
 
 class TeacherClient:
-    """`score(rollouts, top_k, with_queries) -> list[TeacherScores]`, one per rollout, in order."""
+    """`score(rollouts, top_k, with_queries) -> list[TeacherScores]`, one per rollout, in order.
+
+    Every replica's answer is checked (`teacher.health`) before it is returned: a teacher that lost its weights
+    still answers 200. `vocab_size` is the ids its distributions span (None: no uniform test);
+    `check_scores=False` turns the check off.
+
+    A chunk whose replica fails transiently (no answer, 5xx) is scored on another one, with bounded exponential
+    backoff, up to `retry_attempts` tries. A replica that gave no answer is left out of the split until `mark_up`
+    (its supervisor restarted it), and `on_lost(k, error)` tells that supervisor, once per loss; with every replica
+    out, all are tried again."""
 
     def __init__(self, urls: Sequence[str] | str, api_key: str = "", timeout_s: float = 300.0,
-                 wire_dtype: str = "float32"):
+                 wire_dtype: str = "float32", vocab_size: int | None = None, check_scores: bool = True,
+                 retry_attempts: int = 4):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("TeacherClient needs at least one teacher URL")
@@ -38,12 +50,52 @@ class TeacherClient:
             raise ValueError(f"teacher.wire_dtype must be 'float32' or 'float16', got {wire_dtype!r}")
         self.replicas = [HttpClient(u, api_key, timeout_s) for u in urls]
         self.wire_dtype = wire_dtype
+        self.vocab_size, self.check_scores = vocab_size, check_scores
         self._pool = ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="teacher-client")
+        self.retry = Backoff(attempts=retry_attempts, deadline_s=max(Backoff.deadline_s, 2 * timeout_s))
+        self.up = [True] * len(urls)
+        self.on_lost: Callable[[int, BaseException], None] | None = None
+        self._lock = threading.Lock()
         self.last_stats: dict[str, float] = {}
         self.totals = {"requests": 0, "tokens": 0, "request_bytes": 0, "response_bytes": 0}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    def mark_down(self, k: int, error: BaseException) -> None:
+        """Replica k gave no answer: out of the split; its supervisor hears of it once."""
+        with self._lock:
+            if not self.up[k]:
+                return
+            self.up[k] = False
+        if self.on_lost is not None:
+            self.on_lost(k, error)
+
+    def mark_up(self, k: int) -> None:
+        with self._lock:
+            self.up[k] = True
+
+    def _live(self, first: int = 0) -> list[int]:
+        """Replicas from `first` on, in turn, those up only (all of them if none is: one may be back)."""
+        n = len(self.replicas)
+        order = [(first + j) % n for j in range(n)]
+        return [k for k in order if self.up[k]] or order
+
+    def _score_anywhere(self, first: int, rollouts: Sequence[Rollout], top_k: int, with_queries: bool,
+                        with_student_topk: bool) -> tuple[int, list[TeacherScores], int, int]:
+        """(replica, _score_chunk's answer): on replica `first`, or after a transient failure on the next one."""
+
+        def attempt(a: int) -> tuple[int, list[TeacherScores], int, int]:
+            live = self._live(first)
+            k = live[a % len(live)]
+            try:
+                return k, *self._score_chunk(self.replicas[k], rollouts, top_k, with_queries, with_student_topk)
+            except ServerError as e:
+                if unanswered(e):
+                    self.mark_down(k, e)
+                raise
+
+        return self.retry.call(attempt)
 
     def health(self) -> list[dict]:
         return [r.get_json("/health") for r in self.replicas]
@@ -126,12 +178,15 @@ class TeacherClient:
             return []
         t0 = time.perf_counter()
         sizes = [len(r.prompt_ids) + r.num_tokens for r in rollouts]
-        ranges = _split_balanced(sizes, len(self.replicas))
-        futures = [self._pool.submit(self._score_chunk, self.replicas[k], rollouts[a:b], top_k, with_queries,
-                                     with_student_topk) for k, (a, b) in enumerate(ranges)]
+        live = self._live()
+        ranges = _split_balanced(sizes, len(live))
+        futures = [self._pool.submit(self._score_anywhere, k, rollouts[a:b], top_k, with_queries, with_student_topk)
+                   for k, (a, b) in zip(live, ranges, strict=False)]
         results, req_bytes, resp_bytes = [], 0, 0
-        for f in futures:
-            scores, nb_req, nb_resp = f.result()
+        for f in futures:  # in range order
+            k, scores, nb_req, nb_resp = f.result()
+            if self.check_scores:
+                check_scores(scores, self.vocab_size, f"teacher replica {self.replicas[k].base_url}")
             results.extend(scores)
             req_bytes += nb_req
             resp_bytes += nb_resp
@@ -152,8 +207,9 @@ class SGLangTeacherClient(TeacherClient):
     """teacher.backend=sglang: the same `score` through stock SGLang's prefill-only `/generate`.
 
     One batched request per replica: input_ids = prompt + response, max_new_tokens = 0,
-    return_logprob, logprob_start_len = prompt length, top_logprobs_num = K; the answer's
-    input_token_logprobs / input_top_logprobs are the scores. Per-position query ids (MC samples) are
+    return_logprob, logprob_start_len = prompt length - 1, top_logprobs_num = K; the answer's
+    input_token_logprobs / input_top_logprobs after their first entry are the scores (SGLang 0.5.23 reports the
+    entry at logprob_start_len as None: no logits before it are kept). Per-position query ids (MC samples) are
     not part of SGLang's API: `with_queries=True` fails early and says what to use instead.
     Scores arrive as JSON, so bytes per token are larger than the binary server's.
     """
@@ -179,7 +235,7 @@ class SGLangTeacherClient(TeacherClient):
         payload: dict = {
             "input_ids": [np.concatenate([rollouts[i].prompt_ids, rollouts[i].response_ids]).tolist() for i in todo],
             "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-            "logprob_start_len": [len(rollouts[i].prompt_ids) for i in todo]}
+            "logprob_start_len": [len(rollouts[i].prompt_ids) - 1 for i in todo]}  # the last prompt token
         if top_k:
             payload["top_logprobs_num"] = int(top_k)
         r = replica.request("POST", "/generate", json=payload)
@@ -188,14 +244,14 @@ class SGLangTeacherClient(TeacherClient):
             raise ServerError(f"{replica.base_url}/generate: expected {len(todo)} results")
         for i, item in zip(todo, items, strict=True):
             meta, t = item.get("meta_info", {}), rollouts[i].num_tokens
-            toks = meta.get("input_token_logprobs") or []
+            toks = (meta.get("input_token_logprobs") or [])[1:]  # [0]: the last prompt token's, None
             if len(toks) != t:
-                raise ServerError(f"{replica.base_url}/generate: {len(toks)} input_token_logprobs for a "
-                                  f"response of {t} tokens")
+                raise ServerError(f"{replica.base_url}/generate: {len(toks) + 1} input_token_logprobs for a "
+                                  f"response of {t} tokens (expected one per token and the last prompt token's)")
             sc = out[i]
             sc.token_logprob[:] = [e[0] for e in toks]
             if top_k:
-                tops = meta.get("input_top_logprobs") or []
+                tops = (meta.get("input_top_logprobs") or [])[1:]
                 if len(tops) != t or any(row is None or len(row) != top_k for row in tops):
                     raise ServerError(f"{replica.base_url}/generate: input_top_logprobs is not [{t}][{top_k}]")
                 sc.topk_logprobs[:] = [[e[0] for e in row] for row in tops]

@@ -21,6 +21,7 @@ from asyncopd.core.errors import Problem
 from asyncopd.data.task import max_prompt_tokens
 from asyncopd.data.tokenizer import VOCAB
 from asyncopd.learner.backends import LEARNER_BACKENDS
+from asyncopd.model.paths import teacher_services
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.teacher.backends import TEACHER_BACKENDS
 
@@ -31,7 +32,7 @@ _QK_NORM = {"qwen3", "qwen3_moe"}  # families with per-head RMSNorm on q and k
 
 @dataclass(frozen=True)
 class RolePlan:
-    role: str  # learner | rollout | teacher
+    role: str  # learner | rollout | teacher | teachers.<name> (one per named teacher)
     backend: str
     layout: str  # e.g. "tp=8 pp=4 dp=1" or "8 engines x tp=4"
     gpus: float  # GPUs the role asks Ray for, in all
@@ -79,9 +80,8 @@ def _arch(spec: ModelSpec, path: str) -> tuple[Arch, str, str]:
 
 def plan(cfg: Config) -> Plan:
     """Every role's layout, GPU count and per-GPU memory, and the problems they show."""
-    m, r, t, lr, c = cfg.model, cfg.rollout, cfg.teacher, cfg.learner, cfg.cluster
+    m, r, lr, c = cfg.model, cfg.rollout, cfg.learner, cfg.cluster
     student, s_src, s_family = _arch(m.student, m.student_path or str(Path(m.artifacts_dir) / "student"))
-    teacher, t_src, _ = _arch(m.teacher, m.teacher_path or str(Path(m.artifacts_dir) / "teacher"))
     seq = max_prompt_tokens(cfg.task) + r.max_new_tokens
     B = cfg.pipeline.batch_size
     # the learner takes the whole batch in one step, split over its data-parallel replicas; both learners train
@@ -91,18 +91,23 @@ def plan(cfg: Config) -> Plan:
     # an engine holds its share of the batch, every sequence at full length, in its KV cache
     per_engine = -(-B // r.num_engines)
     rollout_mem = engine_memory(student, tp=r.tp, kv_tokens=per_engine * seq, role="rollout")
-    # a teacher replica scores at most max_tokens_per_forward padded tokens in one prefill
-    scored = min(t.max_tokens_per_forward, B * seq)
-    teacher_mem = engine_memory(teacher, tp=t.tp, kv_tokens=scored, role="teacher")
     ranks = lr.tp * lr.pp * lr.dp
     roles = [
         RolePlan("learner", lr.backend, f"tp={lr.tp} pp={lr.pp} dp={lr.dp}", ranks * lr.gpus_per_rank, s_src,
                  learner_mem),
         RolePlan("rollout", r.backend, f"{r.num_engines} engines x tp={r.tp}", r.num_engines * r.gpus_per_engine,
                  s_src, rollout_mem, per_engine),
-        RolePlan("teacher", t.backend, f"{t.replicas} replicas x tp={t.tp}", t.replicas * t.gpus_per_replica,
-                 t_src, teacher_mem, max(scored // seq, 1)),
     ]
+    teacher_layouts = []
+    for svc in teacher_services(cfg):  # each teacher: its own checkpoint, replicas and layout
+        t = svc.cfg
+        teacher, t_src, _ = _arch(m.teacher, svc.path)
+        # a teacher replica scores at most max_tokens_per_forward padded tokens in one prefill
+        scored = min(t.max_tokens_per_forward, B * seq)
+        roles.append(RolePlan(svc.field, t.backend, f"{t.replicas} replicas x tp={t.tp}",
+                              t.replicas * t.gpus_per_replica, t_src,
+                              engine_memory(teacher, tp=t.tp, kv_tokens=scored, role="teacher"), max(scored // seq, 1)))
+        teacher_layouts += check_layout(svc.field, teacher, t.tp)
     out = Plan(roles, c.nodes * c.gpus_per_node, seq)
     layout = check_layout("learner", student, lr.tp, lr.pp)
     out.problems += layout
@@ -118,7 +123,7 @@ def plan(cfg: Config) -> Plan:
                                                    f"{student.num_kv_heads} KV heads evenly over tp ranks; use a "
                                                    f"learner.tp that divides {student.num_kv_heads}"))
     out.problems += check_layout("rollout", student, r.tp)
-    out.problems += check_layout("teacher", teacher, t.tp)
+    out.problems += teacher_layouts
     out.problems += _gpu_problems(cfg, roles, out.gpus_available)
     return out
 
@@ -128,11 +133,13 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Pr
     c, out = cfg.cluster, []
     if available <= 0:
         return out
+    teachers = teacher_services(cfg)
     on_gpu = {"rollout": ROLLOUT_BACKENDS[cfg.rollout.backend].uses_gpu,
-              "teacher": TEACHER_BACKENDS[cfg.teacher.backend].uses_gpu,
+              **{t.field: TEACHER_BACKENDS[t.cfg.backend].uses_gpu for t in teachers},
               "learner": LEARNER_BACKENDS[cfg.learner.backend].uses_gpu}  # CPU backends: no GPU rules
     for role, name, per, tp in (("rollout", "rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
-                                ("teacher", "teacher.gpus_per_replica", cfg.teacher.gpus_per_replica, cfg.teacher.tp)):
+                                *((t.field, f"{t.field}.gpus_per_replica", t.cfg.gpus_per_replica, t.cfg.tp)
+                                  for t in teachers)):
         if on_gpu[role] and per != tp:
             out.append(Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
                                       f"per shard; set {name}={tp}"))

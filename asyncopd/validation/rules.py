@@ -10,25 +10,70 @@ as one ConfigError, which the CLI prints and exits 2 on.
 import importlib.util
 from pathlib import Path
 
-from asyncopd.config.schema import Config
+from asyncopd.config.schema import Config, SupervisionConfig, TeacherConfig
 from asyncopd.core.errors import ConfigError, Problem
 from asyncopd.data.dataset import as_list
 from asyncopd.data.tokenizer import tokenizer_fingerprint
 from asyncopd.data.verifiers import VERIFIERS
 from asyncopd.estimators.registry import build as build_estimator
 from asyncopd.learner.backends import LEARNER_BACKENDS
-from asyncopd.model.paths import resolve_data_files
+from asyncopd.learner.checkpoints import resolve_checkpoint
+from asyncopd.model.paths import resolve_data_files, teacher_services
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
+from asyncopd.rollout.sglang_router import MISSING as ROUTER_MISSING
+from asyncopd.rollout.sglang_router import ROUTERS
 from asyncopd.teacher.backends import TEACHER_BACKENDS
 from asyncopd.validation.plan import Plan, plan
+from asyncopd.weights.sync import config_rules as weight_sync_rules
+
+
+def _teacher_values(t: TeacherConfig, f: str) -> list[tuple[bool, str, str]]:
+    """(ok, field, message) for one teacher service's values; `f` is its prefix (teacher, teachers.<name>)."""
+    return [
+        (t.replicas >= 1, f"{f}.replicas", f"{f}.replicas must be >= 1 (got {t.replicas})"),
+        (t.tp >= 1, f"{f}.tp", f"{f}.tp must be >= 1 (got {t.tp})"),
+        (t.threads >= 1, f"{f}.threads", f"{f}.threads must be >= 1 (got {t.threads})"),
+        (t.wire_dtype in ("float32", "float16"), f"{f}.wire_dtype",
+         f"{f}.wire_dtype={t.wire_dtype!r} is unknown: use 'float32' or 'float16'"),
+        (t.max_tokens_per_forward >= 1, f"{f}.max_tokens_per_forward",
+         f"{f}.max_tokens_per_forward must be >= 1 (got {t.max_tokens_per_forward})"),
+    ]
+
+
+def _routing(cfg: Config) -> list[tuple[bool, str, str]]:
+    """Several teachers need the column that picks each sample's; the column needs `teachers` to name."""
+    names = sorted(cfg.teachers)
+    return [
+        (len(names) < 2 or bool(cfg.data.teacher_key), "data.teacher_key",
+         f"teachers has {len(names)} entries {names} but data.teacher_key is empty: set it to the dataset column "
+         "that names each training sample's teacher"),
+        (bool(names) or not cfg.data.teacher_key, "data.teacher_key",
+         f"data.teacher_key={cfg.data.teacher_key!r} picks a teacher per sample among `teachers`, which is empty: "
+         "define them (e.g. '+teachers={math: {model_path: A}, code: {model_path: B}}') or unset data.teacher_key"),
+    ]
+
+
+def _supervision(sv: SupervisionConfig) -> list[tuple[bool, str, str]]:
+    """supervision.*: counts and periods a restart or a retry can run on."""
+    checks = (("max_restarts", sv.max_restarts >= 0, ">= 0"),
+              ("health_interval_s", sv.health_interval_s >= 0, ">= 0 (0 = no watchdog)"),
+              ("health_timeout_s", sv.health_timeout_s > 0, "> 0"),
+              ("health_failures", sv.health_failures >= 1, ">= 1"),
+              ("restart_timeout_s", sv.restart_timeout_s > 0, "> 0"),
+              ("max_redispatch", sv.max_redispatch >= 0, ">= 0"),
+              ("retry_attempts", sv.retry_attempts >= 1, ">= 1"))
+    return [(ok, f"supervision.{name}", f"supervision.{name} must be {bound} (got {getattr(sv, name)})")
+            for name, ok, bound in checks]
 
 
 def _values(cfg: Config) -> list[tuple[bool, str, str]]:
     """(ok, field, message) for every single-value rule."""
-    p, r, t, lr, w, task, prep, d = (cfg.pipeline, cfg.rollout, cfg.teacher, cfg.learner, cfg.weights, cfg.task,
-                                     cfg.model.prepare, cfg.data)
+    p, r, lr, w, task, prep, d = (cfg.pipeline, cfg.rollout, cfg.learner, cfg.weights, cfg.task, cfg.model.prepare,
+                                  cfg.data)
     lo_hi = list(prep.student_accuracy_range)
     return [
+        *(rule for t in teacher_services(cfg) for rule in _teacher_values(t.cfg, t.field)),
+        *_routing(cfg),
         (d.verifier in VERIFIERS, "data.verifier", f"data.verifier={d.verifier!r} is unknown: use one of "
          f"{sorted(VERIFIERS)}"),
         (bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key",
@@ -44,21 +89,29 @@ def _values(cfg: Config) -> list[tuple[bool, str, str]]:
         (p.eval_every >= 0, "pipeline.eval_every", f"pipeline.eval_every must be >= 0 (got {p.eval_every}); "
          "0 disables it"),
         (p.eval_prompts >= 1, "pipeline.eval_prompts", f"pipeline.eval_prompts must be >= 1 (got {p.eval_prompts})"),
+        (cfg.run.save_every >= 0, "run.save_every", f"run.save_every must be >= 0 (got {cfg.run.save_every}); 0 saves "
+         "only at the end"),
+        (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints",
+         f"run.keep_checkpoints must be >= 1 (got {cfg.run.keep_checkpoints})"),
+        *_supervision(cfg.supervision),
         (r.num_engines >= 1, "rollout.num_engines", f"rollout.num_engines must be >= 1 (got {r.num_engines})"),
         (r.tp >= 1, "rollout.tp", f"rollout.tp must be >= 1 (got {r.tp})"),
         (r.temperature >= 0, "rollout.temperature", f"rollout.temperature must be >= 0 (got {r.temperature})"),
         (0 < r.top_p <= 1, "rollout.top_p", f"rollout.top_p must be in (0, 1] (got {r.top_p})"),
         (r.max_new_tokens >= 1, "rollout.max_new_tokens",
          f"rollout.max_new_tokens must be >= 1 (got {r.max_new_tokens})"),
+        (r.max_request_bytes >= 1, "rollout.max_request_bytes",
+         f"rollout.max_request_bytes must be >= 1 (got {r.max_request_bytes})"),
+        (r.max_batch_size >= 1, "rollout.max_batch_size",
+         f"rollout.max_batch_size must be >= 1 (got {r.max_batch_size})"),
         (r.threads_per_engine >= 1, "rollout.threads_per_engine",
          f"rollout.threads_per_engine must be >= 1 (got {r.threads_per_engine})"),
-        (t.replicas >= 1, "teacher.replicas", f"teacher.replicas must be >= 1 (got {t.replicas})"),
-        (t.tp >= 1, "teacher.tp", f"teacher.tp must be >= 1 (got {t.tp})"),
-        (t.threads >= 1, "teacher.threads", f"teacher.threads must be >= 1 (got {t.threads})"),
-        (t.wire_dtype in ("float32", "float16"), "teacher.wire_dtype",
-         f"teacher.wire_dtype={t.wire_dtype!r} is unknown: use 'float32' or 'float16'"),
-        (t.max_tokens_per_forward >= 1, "teacher.max_tokens_per_forward",
-         f"teacher.max_tokens_per_forward must be >= 1 (got {t.max_tokens_per_forward})"),
+        (r.max_inflight_per_engine >= 1, "rollout.max_inflight_per_engine",
+         f"rollout.max_inflight_per_engine must be >= 1 (got {r.max_inflight_per_engine})"),
+        (r.samples_per_request >= 0, "rollout.samples_per_request",
+         f"rollout.samples_per_request must be >= 0 (got {r.samples_per_request}); 0 spreads the batch over "
+         "every engine slot"),
+        (r.router in ROUTERS, "rollout.router", f"rollout.router={r.router!r} is unknown: use one of {list(ROUTERS)}"),
         (lr.lr > 0, "learner.lr", f"learner.lr must be > 0 (got {lr.lr})"),
         (lr.warmup_steps >= 0, "learner.warmup_steps", f"learner.warmup_steps must be >= 0 (got {lr.warmup_steps})"),
         (lr.threads >= 1, "learner.threads", f"learner.threads must be >= 1 (got {lr.threads})"),
@@ -69,6 +122,11 @@ def _values(cfg: Config) -> list[tuple[bool, str, str]]:
         (w.backend in ("gloo", "nccl"), "weights.backend",
          f"weights.backend={w.backend!r} is unknown: use 'gloo' or 'nccl'"),
         (w.bucket_mb > 0, "weights.bucket_mb", f"weights.bucket_mb must be > 0 (got {w.bucket_mb})"),
+        *weight_sync_rules(w),
+        (w.pause_mode != "none" or r.backend != "sglang", "weights.pause_mode",
+         "weights.pause_mode=none with rollout.backend=sglang: SGLang loads each bucket as it arrives and keeps its "
+         "prefix cache, so responses would mix weights and reuse KV of the old ones; use abort (aborted samples "
+         "resume from their partial output), retract or in_place"),
         (len(task.operand_counts) == len(task.operand_probs) > 0, "task.operand_probs",
          "task.operand_counts and task.operand_probs must be non-empty and of equal length"),
         (all(c >= 2 for c in task.operand_counts), "task.operand_counts",
@@ -100,20 +158,25 @@ def _values(cfg: Config) -> list[tuple[bool, str, str]]:
     ]
 
 
+def _backend_names(cfg: Config) -> list[tuple[str, str, dict]]:
+    """(field, backend name, its table) of every role, one per teacher."""
+    return [("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS),
+            *((f"{t.field}.backend", t.cfg.backend, TEACHER_BACKENDS) for t in teacher_services(cfg)),
+            ("learner.backend", cfg.learner.backend, LEARNER_BACKENDS)]
+
+
 def _backends(cfg: Config) -> list[Problem]:
     """Backend names against the tables, and each backend's limits."""
     out = []
-    for field, name, table in (("rollout.backend", cfg.rollout.backend, ROLLOUT_BACKENDS),
-                               ("teacher.backend", cfg.teacher.backend, TEACHER_BACKENDS),
-                               ("learner.backend", cfg.learner.backend, LEARNER_BACKENDS)):
+    for field, name, table in _backend_names(cfg):
         if name not in table:
             out.append(Problem(field, f"{field}={name!r} is unknown: use one of {sorted(table)}"))
     if out:
         return out
-    rb, tb, lb = (ROLLOUT_BACKENDS[cfg.rollout.backend], TEACHER_BACKENDS[cfg.teacher.backend],
-                  LEARNER_BACKENDS[cfg.learner.backend])
+    rb, lb = ROLLOUT_BACKENDS[cfg.rollout.backend], LEARNER_BACKENDS[cfg.learner.backend]
     for field, tp, b, other in (("rollout.tp", cfg.rollout.tp, rb, "rollout.backend=sglang"),
-                                ("teacher.tp", cfg.teacher.tp, tb, "teacher.backend=sglang (or teacher.replicas)"),
+                                *((f"{t.field}.tp", t.cfg.tp, TEACHER_BACKENDS[t.cfg.backend],
+                                   f"{t.field}.backend=sglang (or {t.field}.replicas)") for t in teacher_services(cfg)),
                                 ("learner.tp", cfg.learner.tp, lb, "learner.backend=megatron")):
         if b.max_tp is not None and tp > b.max_tp:
             out.append(Problem(field, f"{field}={tp}: the {b.name} backend runs at most tp={b.max_tp}; set "
@@ -125,6 +188,14 @@ def _backends(cfg: Config) -> list[Problem]:
     if cfg.learner.fp8 and not lb.fp8:
         out.append(Problem("learner.fp8", f"learner.fp8=true needs the megatron learner (Transformer Engine); set "
                                           f"learner.fp8=false or learner=megatron (learner.backend={lb.name})"))
+    sglang_roles = [("rollout", cfg.rollout)] * (cfg.rollout.backend == "sglang") + [
+        (t.field, t.cfg) for t in teacher_services(cfg) if t.cfg.backend == "sglang"]
+    if sglang_roles:
+        from asyncopd.rollout.sglang_launcher import sglang_args_problem  # imports ray: only when SGLang is used
+
+        for role, c in sglang_roles:
+            if msg := sglang_args_problem(role, c.sglang_args):
+                out.append(Problem(f"{role}.sglang_args", msg))
     return out
 
 
@@ -136,17 +207,23 @@ def _estimator(cfg: Config) -> list[Problem]:
         return [Problem("estimator.name", str(e))]
     out = []
     name = cfg.estimator.name
-    rb, tb = ROLLOUT_BACKENDS.get(cfg.rollout.backend), TEACHER_BACKENDS.get(cfg.teacher.backend)
+    rb = ROLLOUT_BACKENDS.get(cfg.rollout.backend)
     if req.mc_samples and rb is not None and not rb.mc_samples:
         out.append(Problem("rollout.backend", f"estimator={name} draws {req.mc_samples} samples per position at "
                                               f"rollout time, which rollout.backend={rb.name} cannot capture; use "
                                               "rollout=embedded or another estimator (e.g. sampled_rkl)"))
-    if (req.mc_samples or req.teacher_scores_student_topk) and tb is not None and not tb.per_position_queries:
-        out.append(Problem("teacher.backend", f"estimator={name} needs per-position query scores (a different id "
-                                              f"set at every position) that teacher.backend={tb.name} cannot give "
-                                              "(stock SGLang scores one fixed id list per request); use "
-                                              "teacher=embedded or an estimator on the teacher's top-k "
-                                              "(forward_kl, sparse_rkl)"))
+    if req.mc_samples and cfg.rollout.top_p < 1:
+        out.append(Problem("rollout.top_p", f"estimator={name} weighs its {req.mc_samples} draws per position by their "
+                                            "log-probabilities, which engines report over the full vocabulary (as "
+                                            f"SGLang does) while rollout.top_p={cfg.rollout.top_p:g} draws from the "
+                                            "truncated distribution: set rollout.top_p=1"))
+    for t in teacher_services(cfg):
+        tb, f = TEACHER_BACKENDS.get(t.cfg.backend), f"{t.field}.backend"
+        if (req.mc_samples or req.teacher_scores_student_topk) and tb is not None and not tb.per_position_queries:
+            out.append(Problem(f, f"estimator={name} needs per-position query scores (a different id set at every "
+                                  f"position) that {f}={tb.name} cannot give (stock SGLang scores one fixed id list "
+                                  f"per request); use {f}=embedded or an estimator on the teacher's top-k "
+                                  "(forward_kl, sparse_rkl)"))
     return out
 
 
@@ -174,13 +251,11 @@ def _prepared(cfg: Config) -> list[Problem]:
 
 def _config_problems(cfg: Config) -> tuple[Plan | None, list[Problem]]:
     out = [Problem(f, m) for ok, f, m in _values(cfg) if not ok] + _prepared(cfg)
-    known = all(name in table for name, table in ((cfg.rollout.backend, ROLLOUT_BACKENDS),
-                                                 (cfg.teacher.backend, TEACHER_BACKENDS),
-                                                 (cfg.learner.backend, LEARNER_BACKENDS)))
+    known = all(name in table for _, name, table in _backend_names(cfg))
     out += _backends(cfg)
     out += _estimator(cfg)
     # layouts, GPUs and memory need sane sizes and known backends, not a config that can run otherwise
-    the_plan = plan(cfg) if known and not any(p.field in _SIZES for p in out) else None
+    the_plan = plan(cfg) if known and not any(_sizes(p.field) for p in out) else None
     if the_plan is not None:
         out += the_plan.problems
     return the_plan, out
@@ -189,6 +264,12 @@ def _config_problems(cfg: Config) -> tuple[Plan | None, list[Problem]]:
 _SIZES = frozenset({"model.teacher.num_heads", "model.student.num_heads", "learner.tp", "rollout.tp",
                     "teacher.tp", "learner.dp", "pipeline.batch_size", "rollout.num_engines", "teacher.replicas",
                     "rollout.max_new_tokens", "task.operand_counts", "task.max_value", "task.operand_probs"})
+
+
+def _sizes(field: str) -> bool:
+    """A field the plan's arithmetic needs sane (a named teacher's teachers.<name>.tp counts as teacher.tp)."""
+    parts = field.split(".")
+    return field in _SIZES or (parts[0] == "teachers" and len(parts) == 3 and f"teacher.{parts[2]}" in _SIZES)
 
 
 def problems(cfg: Config) -> list[Problem]:
@@ -209,12 +290,13 @@ def host_problems(cfg: Config) -> list[Problem]:
 
     out = []
     hint = "install the GPU extras with `pip install .[gpu]` on a CUDA machine"
-    for field, b in (("rollout.backend", ROLLOUT_BACKENDS.get(cfg.rollout.backend)),
-                     ("teacher.backend", TEACHER_BACKENDS.get(cfg.teacher.backend)),
-                     ("learner.backend", LEARNER_BACKENDS.get(cfg.learner.backend))):
+    for field, name, table in _backend_names(cfg):
+        b = table.get(name)
         for module in (b.needs if b else ()):
             if _missing(module):
                 out.append(Problem(field, f"{field}={b.name} needs {module}, which is not importable here: {hint}"))
+    if cfg.rollout.router == "sglang_router" and _missing("sglang_router"):
+        out.append(Problem("rollout.router", ROUTER_MISSING))
     if cfg.learner.fp8 and _missing("transformer_engine"):
         out.append(Problem("learner.fp8", f"learner.fp8=true needs Transformer Engine, which is not importable: "
                                           f"{hint}, or set learner.fp8=false"))
@@ -222,7 +304,8 @@ def host_problems(cfg: Config) -> list[Problem]:
         out.append(Problem("weights.backend", "weights.backend=nccl needs CUDA GPUs; on a CPU machine use "
                                               "weights.backend=gloo"))
     root = Path(cfg.model.artifacts_dir)
-    for field, path in (("model.teacher_path", cfg.model.teacher_path or root / "teacher"),
+    teachers = _teacher_checkpoints(cfg)
+    for field, path in (*((f, p) for p, f in teachers.items()),
                         ("model.student_path", cfg.model.student_path or root / "student")):
         if not (Path(path) / "config.json").exists():
             out.append(Problem(field, f"{field}={str(path)!r} holds no Hugging Face checkpoint (config.json "
@@ -233,33 +316,48 @@ def host_problems(cfg: Config) -> list[Problem]:
                                                        "or set data.train_files to your dataset")
     for field, files in zip(("data.train_files", "data.val_files"), resolve_data_files(cfg), strict=True):
         out += [Problem(field, f"{field}: {f} does not exist{builtin}") for f in files if not Path(f).exists()]
-    resume = Path(cfg.run.resume_from) if cfg.run.resume_from else None
+    resume = resolve_checkpoint(cfg.run.resume_from) if cfg.run.resume_from else None
     if resume is not None and not any(resume.glob("learner_state*.pt")):
         out.append(Problem("run.resume_from", f"run.resume_from={cfg.run.resume_from!r} holds no learner state "
-                                              "(learner_state*.pt): point it at the checkpoint/ folder of an earlier "
-                                              "run"))
+                                              "(learner_state*.pt): point it at an earlier run's checkpoint/ (its "
+                                              "newest checkpoint), its run dir, or one of its checkpoints/step-N"))
+    return out
+
+
+def _teacher_checkpoints(cfg: Config) -> dict[str, str]:
+    """Every teacher checkpoint the run serves -> the field it comes from (teachers sharing one: the first)."""
+    out: dict[str, str] = {}
+    for t in teacher_services(cfg):
+        out.setdefault(t.path, t.path_field)
     return out
 
 
 def _tokenizer_pair(cfg: Config) -> list[Problem]:
-    """Teacher scores index the student's vocabulary: refuse a pair whose tokenizers differ before anything
-    starts, naming both files (only when both checkpoints carry one; the servers check again on start)."""
+    """Teacher scores index the student's vocabulary: refuse a teacher whose tokenizer differs from the student's
+    before anything starts, naming both files (only when both checkpoints carry one; the servers check again on
+    start). Every teacher: each sample's scores index the one student vocabulary."""
     root = Path(cfg.model.artifacts_dir)
-    files = [Path(p) / "tokenizer.json" if Path(p).is_dir() else Path(p)
-             for p in (cfg.model.teacher_path or root / "teacher",
-                       cfg.model.tokenizer_path or cfg.model.student_path or root / "student")]
-    if not all(f.is_file() for f in files):
-        return []
-    try:
-        teacher, student = (tokenizer_fingerprint(f) for f in files)
-    except (ValueError, KeyError) as e:
-        return [Problem("model.tokenizer_path", f"a tokenizer file cannot be read ({e}): {files[0]}, {files[1]}")]
-    if teacher == student:
-        return []
-    return [Problem("model.teacher_path", f"teacher and student tokenizers differ: {files[0]} (fingerprint "
-                                          f"{teacher}) vs {files[1]} ({student}); on-policy distillation needs one "
-                                          "shared tokenizer: point model.teacher_path and model.student_path at a "
-                                          "pair built with the same one")]
+
+    def file(p: str | Path) -> Path:
+        return Path(p) / "tokenizer.json" if Path(p).is_dir() else Path(p)
+
+    student_file = file(cfg.model.tokenizer_path or cfg.model.student_path or root / "student")
+    out = []
+    for path, field in _teacher_checkpoints(cfg).items():
+        files = [file(path), student_file]
+        if not all(f.is_file() for f in files):
+            continue
+        try:
+            teacher, student = (tokenizer_fingerprint(f) for f in files)
+        except (ValueError, KeyError) as e:
+            out.append(Problem("model.tokenizer_path", f"a tokenizer file cannot be read ({e}): {files[0]}, "
+                                                       f"{files[1]}"))
+            continue
+        if teacher != student:
+            out.append(Problem(field, f"teacher and student tokenizers differ: {files[0]} (fingerprint {teacher}) vs "
+                                      f"{files[1]} ({student}); on-policy distillation needs one shared tokenizer: "
+                                      f"point {field} and model.student_path at a pair built with the same one"))
+    return out
 
 
 def validate(cfg: Config, *, host: bool = False) -> Config:
