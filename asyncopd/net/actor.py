@@ -22,6 +22,11 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def url_port(url: str) -> int:
+    """The port of a server's base URL (http://host:port)."""
+    return int(url.rsplit(":", 1)[1])
+
+
 def public_url(url: str, host: str) -> str:
     """A wildcard bind (0.0.0.0 / ::) is reached at this node's IP, not at the wildcard."""
     if host not in ("0.0.0.0", "::", ""):
@@ -29,8 +34,7 @@ def public_url(url: str, host: str) -> str:
     import ray
 
     ip = ray.util.get_node_ip_address()
-    port = url.rsplit(":", 1)[1]
-    return f"http://{ip}:{port}"
+    return f"http://{ip}:{url_port(url)}"
 
 
 STOP_WAIT_S = 30.0  # how long a restart waits for the old server to stop (its port to be free)
@@ -147,7 +151,7 @@ class ServiceHost:
             if expected is not None and self.server is not expected:
                 return self.url()
             old, self.server = self.server, None
-            port = int(old.url.rsplit(":", 1)[1]) if old is not None else 0
+            port = url_port(old.url) if old is not None else 0
             if old is not None:  # a wedged server may never finish stopping: wait a while, then serve anyway
                 stopper = threading.Thread(target=_stop_quietly, args=(old, self.role), daemon=True)
                 stopper.start()

@@ -40,6 +40,7 @@ import ray
 
 from asyncopd.config.schema import Config
 from asyncopd.core.protocols import LearnerHandle
+from asyncopd.net.actor import url_port
 from asyncopd.net.client import Backoff, ServerError
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.rollout.backends import weight_sync_config
@@ -242,7 +243,7 @@ class Supervisor:
             if self._lost_count[(role, name, i)] > self.cfg.supervision.max_restarts:
                 raise RuntimeError(f"lost {self._lost_count[(role, name, i)]} times, more than "
                                    f"supervision.max_restarts={self.cfg.supervision.max_restarts}")
-            url = self._restart(actor, int(client.base_url.rsplit(":", 1)[1]))
+            url = self._restart(actor, url_port(client.base_url))
         except Exception as e:
             if not self._closed.is_set():
                 self._give_up(fault, e)

@@ -44,7 +44,8 @@ def str_to_dtype(name: str) -> torch.dtype:
     return _DTYPES[key]
 
 
-def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+def nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of `dtype` and `shape` (what a bucket announces and moves)."""
     n = 1
     for d in shape:
         n *= int(d)
@@ -69,7 +70,7 @@ def plan_buckets(meta: Mapping[str, torch.Tensor | tuple[str | torch.dtype, Sequ
             size = spec.numel() * spec.element_size()
         else:
             dtype, shape = spec
-            size = _nbytes(str_to_dtype(dtype) if isinstance(dtype, str) else dtype, shape)
+            size = nbytes(str_to_dtype(dtype) if isinstance(dtype, str) else dtype, shape)
         if current and used + size > bucket_bytes:
             buckets.append(current)
             current, used = [], 0
@@ -93,7 +94,7 @@ def flat_layout(dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]]) 
     FlattenedTensorBucket.empty raises, when a tensor would start at an offset its dtype cannot be viewed at."""
     spans, offset = [], 0
     for i, (dtype, shape) in enumerate(zip(dtypes, shapes, strict=True)):
-        size = _nbytes(dtype, shape)
+        size = nbytes(dtype, shape)
         itemsize = torch.empty((), dtype=dtype).element_size()
         if offset % itemsize:
             raise ValueError(f"flattened bucket: tensor {i} ({dtype}) would start at byte {offset}, not a multiple "

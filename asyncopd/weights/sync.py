@@ -44,7 +44,7 @@ from pathlib import Path
 from asyncopd.config.schema import WeightSyncConfig
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.protocols import WeightSink, WeightSource
-from asyncopd.weights.broadcast import FLATTENED, dtype_to_str, str_to_dtype
+from asyncopd.weights.broadcast import FLATTENED, dtype_to_str, nbytes, str_to_dtype
 from asyncopd.weights.process_group import find_free_port
 
 PAUSE_MODES = ("abort", "retract", "in_place", "none")
@@ -273,10 +273,5 @@ class WeightSync:
 
 def _payload_bytes(bucket: dict) -> int:
     """Bytes one /update_weights_from_distributed payload announces."""
-    total = 0
-    for dtype, shape in zip(bucket["dtypes"], bucket["shapes"], strict=True):
-        n = 1
-        for d in shape:
-            n *= int(d)
-        total += n * str_to_dtype(dtype).itemsize
-    return total
+    return sum(nbytes(str_to_dtype(dtype), shape)
+               for dtype, shape in zip(bucket["dtypes"], bucket["shapes"], strict=True))
