@@ -53,11 +53,15 @@ def make_checkpoint(path: Path) -> Path:
     return path
 
 
-def make_batch(seed: int = 1) -> LearnerBatch:
-    """Three right-padded samples of different prompt/response lengths, teacher top-4 over a random teacher."""
+SHAPES = ((3, 4), (2, 6), (5, 2))  # (prompt, response) tokens per sample
+EIGHT = (*SHAPES, (4, 3), (1, 5), (2, 2), (6, 1), (3, 3))  # enough samples for 2 replicas x 4 micro-batches
+
+
+def make_batch(seed: int = 1, shapes: tuple[tuple[int, int], ...] = SHAPES) -> LearnerBatch:
+    """Right-padded samples of different prompt/response lengths, teacher top-4 over a random teacher."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for P, T in ((3, 4), (2, 6), (5, 2)):
+    for P, T in shapes:
         teacher = torch.log_softmax(torch.from_numpy(rng.normal(size=(T, VOCAB)) * 2), -1).float()
         top = teacher.topk(4, dim=-1)
         response = rng.integers(1, VOCAB, T).astype(np.int32)

@@ -32,6 +32,10 @@ def test_overrides_and_groups():
         ("rollout.top_p=0", "rollout.top_p"),
         ("estimator.name=nope", "estimator.name"),
         ("weights.backend=mpi", "weights.backend"),
+        ("learner.precision=fp16", "learner.precision"),
+        ("learner.recompute=all", "learner.recompute"),
+        ("learner.virtual_pp=0", "learner.virtual_pp"),
+        ("learner.micro_batch_size=-1", "learner.micro_batch_size"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

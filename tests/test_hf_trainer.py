@@ -33,7 +33,8 @@ def test_prox_logprobs_equal_full_log_softmax(ckpt):
     batch = make_batch()
     prox = learner.prox_logprobs(batch)
     with torch.no_grad():
-        full = torch.log_softmax(response_logits(learner.logits(batch), batch.response_index), -1)
+        logits = learner.model.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        full = torch.log_softmax(response_logits(logits, batch.response_index), -1)
     want = full.gather(-1, batch.est.response_ids.unsqueeze(-1)).squeeze(-1)
     mask = batch.est.mask
     # the same float32 logits; a chunked log-softmax (max, V exps, a V-term sum, a log) vs torch's

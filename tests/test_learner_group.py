@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from asyncopd.cli.main import main  # noqa: E402
 from asyncopd.config.ray_cluster import start_ray  # noqa: E402
 from asyncopd.config.schema import (  # noqa: E402
     ClusterConfig,
@@ -86,18 +87,19 @@ def test_megatron_tp2_group_trains_and_broadcasts(student, tmp_path):
         _sync(group, client, version=1)
         assert client.get_weight_version() == 1
 
-        # the engine now holds exactly the HF model the learner holds after the step (rank 0 writes it)
-        group.save(str(tmp_path / "ckpt"))
-        assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {
-            "config.json", "model.safetensors", "learner_state.rank0.pt", "learner_state.rank1.pt"}
-        held = dict(load_model(tmp_path / "ckpt").named_parameters())
+        # the engine now holds the hf Trainer's step, gathered from the TP ranks; the checkpoint is megatron's
+        # sharded one, and exported it is exactly what the engine serves
+        served = {name: p.detach().clone() for name, p in engine.model.named_parameters()}
         initial = dict(load_model(student).named_parameters())
-        served = dict(engine.model.named_parameters())
-        assert set(served) == set(held)
-        for name, p in held.items():
-            assert torch.equal(served[name], p), name
+        assert set(served) == set(initial)
+        for name, p in served.items():
             assert not torch.equal(p, initial[name]), f"{name} was not updated"
-        assert_same_step(metrics, {name: p.detach() for name, p in held.items()}, reference, expected, make_batch())
+        assert_same_step(metrics, served, reference, expected, make_batch())
+        group.save(str(tmp_path / "ckpt"))
+        assert {p.name for p in (tmp_path / "ckpt").iterdir()} >= {"config.json", "learner_state.pt", "megatron"}
+        assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+        for name, p in load_model(tmp_path / "hf").named_parameters():
+            assert torch.equal(p.detach(), served[name]), name
 
         assert group.load(str(tmp_path / "ckpt")) == 1
     finally:
@@ -122,10 +124,13 @@ def test_rank_count_errors():
     assert learner_ranks(LearnerConfig()) == 1
     with pytest.raises(ConfigError, match="learner.backend=megatron, or learner.tp=1"):
         learner_ranks(LearnerConfig(tp=2))
-    with pytest.raises(ConfigError, match="must both be >= 1"):
+    with pytest.raises(ConfigError, match="must all be >= 1"):
         learner_ranks(LearnerConfig(backend="megatron", tp=0))
-    with pytest.raises(ConfigError, match="learner.pp=2 .*set learner.pp=1"):
-        learner_ranks(LearnerConfig(backend="megatron", tp=2, pp=2))
+    assert learner_ranks(LearnerConfig(backend="megatron", tp=2, pp=2, dp=2)) == 8
+    with pytest.raises(ConfigError, match="learner.pp=2 .*learner.backend=megatron, or learner.pp=1"):
+        learner_ranks(LearnerConfig(pp=2))
+    with pytest.raises(ConfigError, match="learner.dp=2 .*learner.backend=megatron, or learner.dp=1"):
+        learner_ranks(LearnerConfig(dp=2))
     with pytest.raises(ConfigError, match="learner.backend='torch' is unknown"):
         learner_ranks(LearnerConfig(backend="torch"))
 

@@ -25,7 +25,8 @@ def _state():
 @pytest.mark.skipif(not CPU_ONLY, reason="the patches apply only without CUDA")
 def test_apply_twice_is_harmless():
     names = patches.apply()
-    assert names == ["cpu_current_device", "cpu_rng_tracker"] == patches.applied()
+    assert names == ["cpu_current_device", "cpu_rng_tracker", "adam_step_load", "reshardable_offsets"] \
+        == patches.applied()
     before = _state()
     assert patches.apply() == names
     assert _state() == before  # not wrapped twice
@@ -33,8 +34,9 @@ def test_apply_twice_is_harmless():
     assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("patch", patches.PATCHES, ids=lambda p: p.NAME)
-def test_each_patch_is_a_noop_with_cuda(patch):
+@pytest.mark.parametrize("patch", [p for p in patches.PATCHES if p.NAME != "reshardable_offsets"],
+                         ids=lambda p: p.NAME)
+def test_each_cpu_patch_is_a_noop_with_cuda(patch):
     assert patch.should_apply(cuda_available=True) is False
     assert patch.should_apply(cuda_available=False) is True
     before = _state()
@@ -42,13 +44,15 @@ def test_each_patch_is_a_noop_with_cuda(patch):
     assert _state() == before
 
 
-def test_package_apply_with_cuda_does_nothing_even_on_another_version(monkeypatch):
+def test_package_apply_with_cuda_applies_only_the_fix_and_checks_the_version(monkeypatch):
     import megatron.core
 
-    monkeypatch.setattr(megatron.core, "__version__", "0.0.1")
     before = _state()
-    assert patches.apply(cuda_available=True) == []
-    assert _state() == before
+    assert patches.apply(cuda_available=True) == ["reshardable_offsets"]  # a megatron bug on GPUs too
+    assert _state() == before  # none of the CPU patches
+    monkeypatch.setattr(megatron.core, "__version__", "0.0.1")
+    with pytest.raises(patches.MegatronVersionError):
+        patches.apply(cuda_available=True)
 
 
 def test_other_megatron_version_is_refused_or_warned(monkeypatch):
@@ -119,3 +123,42 @@ def test_fp8_without_transformer_engine_fails_early_and_clearly(tmp_path):
     with pytest.raises(RuntimeError, match=r"needs Transformer Engine: pip install \.\[gpu\]"):
         build_trainer(Config(learner=LearnerConfig(backend="megatron", fp8=True)), str(tmp_path))
     assert dist.is_initialized() == was_initialised  # failed before any process group or model
+
+
+@pytest.mark.skipif(not CPU_ONLY, reason="the CUDA-call redirection applies only without CUDA")
+def test_cpu_cuda_calls_scope_redirects_inside_and_restores_outside():
+    from asyncopd.learner.megatron.patches.cpu_cuda_calls import scope
+
+    t = torch.ones(2)
+    with scope():
+        assert torch.zeros(1, device="cuda").device.type == "cpu"  # megatron's device="cuda" allocations
+        assert torch.tensor([1.0], device=torch.device("cuda")).device.type == "cpu"
+        assert t.cuda() is t and t.to("cuda").device.type == "cpu"
+        assert t.type() == "torch.cuda.FloatTensor"  # megatron's dtype checks by CUDA type name
+        assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        torch.cuda.synchronize()
+        torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+        assert torch.cuda.random.get_rng_state().numel() == 0  # activation recomputation saves it
+    assert t.type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.synchronize()
+
+
+def test_cpu_cuda_calls_scope_is_a_null_context_with_cuda():
+    from asyncopd.learner.megatron.patches.cpu_cuda_calls import scope
+
+    sync = torch.cuda.synchronize
+    with scope(cuda_available=True):
+        assert torch.cuda.synchronize is sync
+        assert torch.ones(1).type() == "torch.FloatTensor"
+
+
+def test_adam_step_load_only_for_the_torch_fallback_on_cpu():
+    from megatron.core.optimizer import distrib_optimizer
+
+    from asyncopd.learner.megatron.patches import adam_step_load
+
+    assert adam_step_load.should_apply(cuda_available=True) is False
+    assert adam_step_load.should_apply(cuda_available=False) is (not distrib_optimizer.HAVE_APEX_OR_TE)

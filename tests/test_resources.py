@@ -79,6 +79,11 @@ def test_check_layout_fields_and_messages():
     assert [p.field for p in check_layout("learner", Arch(4, 512, 48, 6, 1024, 1000), tp=4)] == ["learner.tp"]
     assert [p.field for p in check_layout("learner", Arch(4, 512, 64, 8, 1000, 1000), tp=16)] == ["learner.tp"]
     assert check_layout("learner", LLAMA_70B, tp=8, pp=4) == []
+    # interleaving: each stage's layers split evenly into virtual_pp chunks
+    assert check_layout("learner", LLAMA_70B, tp=8, pp=4, virtual_pp=5) == []
+    (problem,) = check_layout("learner", LLAMA_70B, tp=8, pp=4, virtual_pp=3)
+    assert problem.field == "learner.virtual_pp" and "[1, 2, 4, 5, 10, 20]" in problem.message
+    assert [p.field for p in check_layout("learner", heads64, tp=8, pp=3, virtual_pp=3)] == ["learner.pp"]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # megatron-core's deprecation notices
@@ -121,17 +126,22 @@ def sharded_params(family: str, arch: Arch, tp: int, pp: int, sglang: bool) -> l
     return stages
 
 
-def saved_bytes_per_layer(arch: Arch, tp: int, b: int, s: int, flash: bool) -> int:
-    """The tensors one Megatron layer keeps for backward on one rank, listed (Korthikanti et al. 2022, Sec. 4.1)."""
+def saved_tensors_per_layer(arch: Arch, tp: int, b: int, s: int, flash: bool, e: int = 2) -> tuple[int, int]:
+    """The tensors one Megatron layer keeps for backward on one rank, listed (Korthikanti et al. 2022, Sec. 4.1), in
+    e-byte activations (1-byte dropout masks, an fp32 log-sum-exp): (outside core attention, core attention's)."""
     h, d, a = arch.hidden_size, arch.dim, arch.num_heads // tp
     q, kv, f = a * d, max(1, arch.num_kv_heads // tp) * d, arch.intermediate_size // tp
-    tensors = [s * b * h * 2, s * b * h * 2,  # input norm's input, QKV projection's input
-               s * b * q * 2, s * b * kv * 2, s * b * kv * 2,  # Q, K (for QK^T), V
-               s * b * q * 2, s * b * h,  # attention output (output projection's input), its dropout mask
-               s * b * h * 2, s * b * h * 2,  # pre-MLP norm's input, fc1's input
-               s * b * 2 * f * 2, s * b * f * 2, s * b * h]  # gate|up (SwiGLU input), fc2 input, dropout mask
-    tensors += [a * s * b * 4] if flash else [a * s * s * b * 2, a * s * s * b, a * s * s * b * 2]  # lse | softmax
-    return sum(tensors)
+    tensors = [s * b * h * e, s * b * h * e,  # input norm's input, QKV projection's input
+               s * b * q * e, s * b * kv * e, s * b * kv * e,  # Q, K (for QK^T), V
+               s * b * q * e, s * b * h,  # attention output (output projection's input), its dropout mask
+               s * b * h * e, s * b * h * e,  # pre-MLP norm's input, fc1's input
+               s * b * 2 * f * e, s * b * f * e, s * b * h]  # gate|up (SwiGLU input), fc2 input, dropout mask
+    core = [a * s * b * 4] if flash else [a * s * s * b * e, a * s * s * b, a * s * s * b * e]  # lse | softmax
+    return sum(tensors), sum(core)
+
+
+def saved_bytes_per_layer(arch: Arch, tp: int, b: int, s: int, flash: bool, e: int = 2) -> int:
+    return sum(saved_tensors_per_layer(arch, tp, b, s, flash, e))
 
 
 def test_activations_reduce_to_korthikanti_for_gpt_shape():
@@ -145,24 +155,68 @@ def test_activations_reduce_to_korthikanti_for_gpt_shape():
 
 @pytest.mark.parametrize("family,arch", TINY)
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2), (1, 2), (2, 4)])
-@pytest.mark.parametrize("recompute,flash", [(False, False), (True, False), (False, True)])
-def test_learner_memory_matches_brute_force(family, arch, tp, pp, recompute, flash):
+@pytest.mark.parametrize("recompute,flash", [("none", False), ("full", False), ("selective", False), ("none", True),
+                                             ("selective", True)])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_learner_memory_matches_brute_force(family, arch, tp, pp, recompute, flash, precision):
     if check_layout("learner", arch, tp, pp):
         pytest.skip("layout Megatron refuses")
     b, s, L = 2, 16, arch.num_layers
-    full = saved_bytes_per_layer(arch, tp, b, s, flash)
-    kept, working = (2 * s * b * arch.hidden_size, full) if recompute else (full, 0)
+    pb, e = (2, 2) if precision == "bf16" else (4, 4)  # activations in the parameters' dtype
+    body, core = saved_tensors_per_layer(arch, tp, b, s, flash, e)
+    kept, working = {"none": (body + core, 0), "selective": (body, core),
+                     "full": (e * s * b * arch.hidden_size, body + core)}[recompute]
     logits = 4 * s * b * arch.vocab_size / tp
     params = sharded_params(family, arch, tp, pp, sglang=False)
     acts = [pp * (L // pp) * kept + working, (L // pp) * kept + working]  # 1F1B: pp micro-batches on stage 0
     acts = [acts[0] + logits] if pp == 1 else [acts[0], acts[1] + logits]
     stages = [(params[0], acts[0])] if pp == 1 else [(params[0], acts[0]), (params[-1], acts[1])]
+    opt = 12 if precision == "bf16" else 8  # fp32 main weights (bf16 only) + two fp32 Adam moments
     for dp in (1, 4):
-        expected = max(((p * 2, p * 4, p * 12 / dp, a) for p, a in stages), key=sum)
-        est = learner_memory(arch, tp=tp, pp=pp, dp=dp, micro_batch=b, seq_len=s, recompute=recompute,
-                             flash_attention=flash)
+        expected = max(((p * pb, p * 4, p * opt / dp, a) for p, a in stages), key=sum)
+        est = learner_memory(arch, tp=tp, pp=pp, dp=dp, micro_batch=b, seq_len=s, param_bytes=pb, grad_bytes=4,
+                             recompute=recompute, flash_attention=flash)
         assert (est.params_bytes, est.grads_bytes, est.optimizer_bytes, est.activations_bytes) == expected
         assert est.kv_cache_bytes == 0 and est.total_bytes == sum(expected) and est.role == "learner"
+
+
+def test_learner_memory_bf16_distributed_optimizer_by_hand():
+    """Llama, 2 layers, h=64, 8 heads of 8, 2 KV heads, I=96, V=101, untied; tp=pp=1, dp=4, b=2, s=16, bf16."""
+    arch = Arch(2, 64, 8, 2, 96, 101)
+    # per layer: q,o 2*64*64 + k,v 2*64*16 + MLP 3*64*96 + 2 norms 2*64 = 28800; + final norm 64 + embedding and
+    # lm_head 2*101*64 = 12928
+    P = 2 * 28800 + 64 + 12928
+    assert P == 70592 == param_count(arch)
+    # per layer, bf16: s*b*(10h + 4q + 4kv + 6I) = 32*(640 + 256 + 64 + 576) = 49152, + 5as^2b = 5*8*256*2 = 20480;
+    # 2 layers, then the fp32 logits 4*s*b*V = 12928
+    est = learner_memory(arch, tp=1, pp=1, dp=4, micro_batch=2, seq_len=16, param_bytes=2, grad_bytes=4,
+                         distributed_optimizer=True)
+    assert (est.params_bytes, est.grads_bytes, est.optimizer_bytes) == (2 * P, 4 * P, 12 * P / 4)
+    assert est.activations_bytes == 2 * (49152 + 20480) + 12928
+    assert est.total_bytes == 2 * P + 4 * P + 3 * P + 152192
+    # full recomputation keeps each layer's bf16 input 2*s*b*h = 4096 and recomputes one layer at a time
+    full = learner_memory(arch, tp=1, pp=1, dp=4, micro_batch=2, seq_len=16, recompute="full")
+    assert full.activations_bytes == 2 * 4096 + (49152 + 20480) + 12928
+    # fp32: 4 + 4 bytes, two moments (8) over dp; activations 4-byte: 32*(18h + 8q + 8kv + 12I) + 9as^2b
+    fp32 = learner_memory(arch, tp=1, pp=1, dp=4, micro_batch=2, seq_len=16, param_bytes=4, grad_bytes=4)
+    assert (fp32.params_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (4 * P, 4 * P, 8 * P / 4)
+    assert fp32.activations_bytes == 2 * (32 * (18 * 64 + 8 * 64 + 8 * 16 + 12 * 96) + 9 * 8 * 256 * 2) + 12928
+
+
+def test_pipeline_schedules_in_flight():
+    """Stage 0's micro-batches in flight, as megatron-core's get_pp_rank_microbatches counts warm-up + 1."""
+    arch, b, s = Arch(16, 64, 8, 8, 128, 10), 1, 32
+    kept = saved_bytes_per_layer(arch, 1, b, s, False)
+    kw = dict(tp=1, pp=4, dp=1, micro_batch=b, seq_len=s)
+    # 1F1B: pp micro-batches of L/pp layers = L layers' worth; fewer micro-batches than stages hold fewer
+    assert learner_memory(arch, **kw).activations_bytes == 16 * kept
+    assert learner_memory(arch, num_microbatches=8, **kw).activations_bytes == 16 * kept
+    assert learner_memory(arch, num_microbatches=2, **kw).activations_bytes == 2 * 4 * kept
+    # interleaved, virtual_pp=2: 2(pp - 1) + (vpp - 1)pp + 1 = 11 chunks of 2 layers = L(1 + (pp - 1)/(pp*vpp)) = 22
+    for vpp, layers in ((2, 22), (4, 19)):
+        est = learner_memory(arch, virtual_pp=vpp, num_microbatches=8, **kw)
+        assert est.activations_bytes == layers * kept == 16 * (1 + 3 / (4 * vpp)) * kept
+        assert f"x {4 // vpp} layers" in est.formula
 
 
 def test_learner_memory_scaling():
@@ -175,7 +229,9 @@ def test_learner_memory_scaling():
     assert learner_memory(LLAMA_70B, tp=8, dp=8, distributed_optimizer=False, **kw) == base
     tp4 = learner_memory(LLAMA_70B, tp=4, dp=1, **kw)
     assert tp4.params_bytes > base.params_bytes and tp4.activations_bytes > base.activations_bytes
-    assert learner_memory(LLAMA_70B, tp=8, dp=1, recompute=True, **kw).activations_bytes < base.activations_bytes
+    assert learner_memory(LLAMA_70B, tp=8, dp=1, recompute="full", **kw).activations_bytes < base.activations_bytes
+    assert learner_memory(LLAMA_70B, tp=8, dp=1, recompute="selective", **kw).activations_bytes < \
+        base.activations_bytes
     assert learner_memory(LLAMA_70B, tp=8, dp=1, flash_attention=True, **kw).activations_bytes < base.activations_bytes
 
 

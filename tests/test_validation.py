@@ -16,16 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 GIB = 2**30
 
-# What each shipped experiment cannot do yet, by the field to change. A later change that makes one valid
+# What each shipped experiment cannot do yet, by the field to change. A later change that makes one invalid
 # must update this table (and the README): an empty set means the experiment can run.
 EXPECTED = {
     "tiny_cpu": set(),
-    # PP=4 is unimplemented; 32 learner + 32 rollout + 16 teacher GPUs do not fit 8 nodes x 8; the learner takes
-    # the whole batch (512 x 16k tokens) in one step, with no micro-batching; 405B bf16 weights over tp=8 are
-    # 94.5 GiB per 80 GiB GPU
-    "llama_70b": {"learner.pp", "cluster.nodes", "learner.tp", "teacher.tp"},
-    # the whole batch (256 x 16k tokens) in one step
-    "qwen3_1p7b_from_30b": {"learner.tp"},
+    # learner TP=8 x PP=4 (bf16, micro-batches of one sequence, full recomputation) 32 + rollout 4 x TP=4 16 +
+    # teacher 2 x TP=8 16 = the 64 GPUs of 8 nodes x 8 H200
+    "llama_70b": set(),
+    # learner DP=2 (bf16, distributed optimizer) 2 + rollout 5 + teacher 1 = 8 GPUs
+    "qwen3_1p7b_from_30b": set(),
+    # the flagship script's rehearsal on CPU Slurm nodes (tests/test_slurm_rehearsal.py)
+    "cluster_tiny": set(),
 }
 
 
@@ -39,11 +40,43 @@ def test_every_shipped_experiment_is_validated():
         assert fields([f"experiment={name}"]) == EXPECTED[name], name
 
 
-def test_llama_70b_reasons_name_the_numbers():
-    found = {p.field: p.message for p in problems(compose_config(["experiment=llama_70b"]))}
-    assert "learner.pp=4" in found["learner.pp"]
+def test_llama_70b_fits_the_allocation_its_sbatch_script_asks_for():
+    """The flagship: every GPU of its allocation placed, every role within 90% of a GPU, and the allocation the
+    config checks against is the one slurm/asyncopd_70b.sh requests."""
+    import re
+
+    cfg = compose_config(["experiment=llama_70b"])
+    the_plan = plan(cfg)
+    assert the_plan.problems == [] and problems(cfg) == []
+    roles = {p.role: p for p in the_plan.roles}
+    assert (roles["learner"].gpus, roles["rollout"].gpus, roles["teacher"].gpus) == (32, 16, 16)
+    assert sum(p.gpus for p in the_plan.roles) == the_plan.gpus_available == 64
+    for p in the_plan.roles:  # what _gpu_problems checks: an engine's weights and one full-length sequence
+        need = p.memory.total_bytes if p.role == "learner" else \
+            p.memory.params_bytes + p.memory.kv_cache_bytes / max(p.kv_sequences, 1)
+        assert need / GIB <= 0.9 * cfg.cluster.gpu_memory_gib, p.role
+    script = (ROOT / "slurm" / "asyncopd_70b.sh").read_text()
+    assert int(re.search(r"^#SBATCH --nodes=(\d+)$", script, re.M)[1]) == cfg.cluster.nodes
+    gpu_type, per_node = re.search(r"^#SBATCH --gpus-per-node=(?:(\w+):)?(\d+)$", script, re.M).groups()
+    assert int(per_node) == cfg.cluster.gpus_per_node
+    # each node's Ray worker offers every GPU Slurm gave the node
+    assert "gpus=${SLURM_GPUS_ON_NODE:-0}" in script and script.count('--num-gpus="$gpus"') == 2
+    memory = {"h100": 80, "h200": 140}  # GiB of one GPU, as torch.cuda reports it (H200: 143771 MiB)
+    assert cfg.cluster.gpu_memory_gib == memory[gpu_type]
+
+
+def test_allocation_reasons_name_the_numbers():
+    found = {p.field: p.message for p in problems(compose_config(["experiment=llama_70b", "rollout.num_engines=8"]))}
     assert "learner 32 + rollout 32 + teacher 16 = 80 GPUs" in found["cluster.nodes"]
     assert "8 x 8 = 64" in found["cluster.nodes"]
+    # a replica is one Ray actor and one SGLang server: it cannot take two nodes' GPUs
+    two_nodes = ["experiment=llama_70b", "teacher.replicas=1", "teacher.tp=16", "teacher.gpus_per_replica=16"]
+    found = {p.field: p.message for p in problems(compose_config(two_nodes))}
+    assert set(found) == {"teacher.tp"} and "cannot span nodes" in found["teacher.tp"]
+    # the bf16 405B teacher does not fit an 80 GiB GPU at TP=8, and TP=8 already fills a node
+    h100 = ["experiment=llama_70b", "cluster.gpu_memory_gib=80"]
+    found = {p.field: p.message for p in problems(compose_config(h100))}
+    assert set(found) == {"teacher.tp"} and "already fills a node" in found["teacher.tp"]
 
 
 def test_tp_must_divide_heads():
@@ -60,7 +93,12 @@ def test_backend_limits_and_capabilities():
     assert fields(["learner.tp=2"]) == {"learner.tp"}  # the hf learner is not parallel
     assert fields(["learner.fp8=true"]) == {"learner.fp8"}  # fp8 is the megatron learner's
     assert fields(["teacher.tp=2"]) == {"teacher.tp"}  # the embedded teacher is one shard per replica
-    assert fields(["learner.dp=2"]) == {"learner.dp"}
+    found = {p.field: p.message for p in problems(compose_config(["learner.dp=2", "learner.pp=2"]))}
+    assert set(found) == {"learner.dp", "learner.pp"}  # the hf learner is one process: no replicas, no stages
+    assert "learner.dp=2: the hf learner runs one data-parallel replica; set learner.backend=megatron or " \
+           "learner.dp=1" in found["learner.dp"]
+    assert "the hf learner runs one pipeline stage" in found["learner.pp"]
+    assert fields(["learner=megatron", "learner.dp=2", "learner.pp=2"]) == set()  # megatron runs any
     # the megatron learner converts dense Qwen2, Qwen3 and Llama checkpoints, not a mixture of experts
     moe = ["experiment=qwen3_1p7b_from_30b", "model.student.family=qwen3_moe"]
     assert fields(moe) - EXPECTED["qwen3_1p7b_from_30b"] == {"learner.backend"}
@@ -83,30 +121,103 @@ def test_backend_limits_and_capabilities():
 def test_gpu_totals_and_memory_against_the_cluster():
     base = ["experiment=qwen3_1p7b_from_30b"]
     known = EXPECTED["qwen3_1p7b_from_30b"]
-    assert fields([*base, "rollout.num_engines=8"]) - known == {"cluster.nodes"}  # 1 + 8 + 1 GPUs > 8
-    assert fields([*base, "teacher.gpus_per_replica=2"]) - known == {"teacher.gpus_per_replica"}  # tp=1: one GPU
-    # the 30B-A3B teacher (57 GiB of bf16 weights) does not fit a 40 GiB GPU at tp=1; at tp=2 it does
-    assert fields([*base, "cluster.gpu_memory_gib=40"]) - known == {"teacher.tp"}
-    assert fields([*base, "cluster.gpu_memory_gib=40", "teacher.tp=2", "teacher.gpus_per_replica=2"]) == known
+    assert fields([*base, "rollout.num_engines=8"]) - known == {"cluster.nodes"}  # 2 + 8 + 1 GPUs > 8
+    assert fields([*base, "rollout.num_engines=4", "teacher.gpus_per_replica=2"]) - known == {
+        "teacher.gpus_per_replica"}  # tp=1: one GPU
+    # on a 40 GiB GPU the 30B-A3B teacher (57 GiB of bf16 weights) needs tp=2, and the learner's one 16k-token
+    # sequence (its unfused attention's s^2 scores, its logits) needs tp=2 as well
+    small = [*base, "cluster.gpu_memory_gib=40", "rollout.num_engines=2"]
+    assert fields(small) - known == {"teacher.tp", "learner.tp"}
+    assert fields([*small, "teacher.tp=2", "teacher.gpus_per_replica=2", "learner.tp=2"]) == known
 
 
 def test_plan_memory_terms_follow_the_layout():
     cfg = compose_config(["experiment=llama_70b"])
     roles = {p.role: p for p in plan(cfg).roles}
-    assert roles["learner"].gpus == 32 and roles["rollout"].gpus == 32 and roles["teacher"].gpus == 16
-    # the learners train fp32: 70.55e9 params / (tp=8 x pp=4) x 4 B = 8.2 GiB, plus stage 0's embedding shard
-    assert 8.2 * GIB < roles["learner"].memory.params_bytes < 8.5 * GIB
+    learner = roles["learner"].memory
+    # bf16: 70.55e9 params / (tp=8 x pp=4) x 2 B = 4.1 GiB, plus stage 0's embedding shard; fp32 grads (x2) and
+    # fp32 main weights + two Adam moments (x6: 12 B/param, dp=1 so the distributed optimizer shards nothing)
+    assert 4.1 * GIB < learner.params_bytes < 4.3 * GIB
+    assert learner.grads_bytes == 2 * learner.params_bytes and learner.optimizer_bytes == 6 * learner.params_bytes
+    assert roles["learner"].layout == "tp=8 pp=4 dp=1 mb=1"
     wider = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.tp=16"])).roles}
-    assert wider["learner"].memory.params_bytes < roles["learner"].memory.params_bytes
+    assert wider["learner"].memory.params_bytes < learner.params_bytes
+    # the knobs move the terms they own
+    fp32 = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.precision=fp32"])).roles}
+    assert fp32["learner"].memory.params_bytes == 2 * learner.params_bytes
+    assert fp32["learner"].memory.optimizer_bytes == 4 * learner.params_bytes  # two fp32 moments, no main copy
+    assert fp32["learner"].memory.activations_bytes > learner.activations_bytes  # fp32 activations
+    dp2 = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.pp=2", "learner.dp=2"])).roles}
+    plain = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.pp=2", "learner.dp=2",
+                                                     "learner.distributed_optimizer=false"])).roles}
+    assert dp2["learner"].memory.optimizer_bytes * 2 == plain["learner"].memory.optimizer_bytes
+    interleaved = {p.role: p for p in plan(compose_config(["experiment=llama_70b", "learner.virtual_pp=2"])).roles}
+    assert interleaved["learner"].layout == "tp=8 pp=4 vpp=2 dp=1 mb=1"
+    assert interleaved["learner"].memory.activations_bytes > learner.activations_bytes
+    for recompute in ("none", "selective"):
+        other = plan(compose_config(["experiment=llama_70b", f"learner.recompute={recompute}"])).roles[0]
+        assert other.memory.activations_bytes > learner.activations_bytes
+    whole = plan(compose_config(["experiment=llama_70b", "learner.micro_batch_size=0"])).roles[0]
+    assert whole.layout.endswith("mb=512") and whole.memory.activations_bytes > 100 * learner.activations_bytes
+
+
+def test_learner_knobs_name_their_field_and_fix():
+    def found(overrides: list[str]) -> dict[str, str]:
+        return {p.field: p.message for p in problems(compose_config(overrides))}
+
+    bad = found(["learner.virtual_pp=0", "learner.micro_batch_size=-1", "learner.precision=fp16",
+                 "learner.recompute=all"])
+    assert set(bad) == {"learner.virtual_pp", "learner.micro_batch_size", "learner.precision", "learner.recompute"}
+    assert "['bf16', 'fp32']" in bad["learner.precision"]
+    assert "['none', 'full', 'selective']" in bad["learner.recompute"]
+    # megatron's knobs on the hf learner
+    hf = found(["learner.precision=bf16", "learner.recompute=full", "learner.virtual_pp=2"])
+    assert set(hf) == {"learner.precision", "learner.recompute", "learner.virtual_pp"}
+    assert all("learner.backend=megatron" in m for m in hf.values())
+    assert found(["learner=megatron", "learner.precision=bf16", "learner.recompute=selective"]) == {}
+    # interleaving needs stages, chunks that divide each stage's layers, and micro-batches in groups of pp
+    assert set(found(["learner=megatron", "learner.virtual_pp=2"])) == {"learner.virtual_pp"}
+    assert "learner.pp >= 2" in found(["learner=megatron", "learner.virtual_pp=2"])["learner.virtual_pp"]
+    chunks = found(["experiment=llama_70b", "learner.virtual_pp=3"])
+    assert set(chunks) == {"learner.virtual_pp"} and "12 does not divide num_layers=80" in chunks["learner.virtual_pp"]
+    assert "[1, 2, 4, 5, 10, 20]" in chunks["learner.virtual_pp"]
+    assert found(["experiment=llama_70b", "learner.virtual_pp=2"]) == {}
+    groups = found(["experiment=llama_70b", "learner.virtual_pp=2", "learner.micro_batch_size=3"])
+    assert "(512 samples) make 171 micro-batches of learner.micro_batch_size=3" in groups["learner.micro_batch_size"]
+    assert "one of [1, 2]" in groups["learner.micro_batch_size"]
+    uneven = found(["experiment=llama_70b", "learner.virtual_pp=2", "learner.pp=2", "learner.dp=2",
+                    "pipeline.batch_size=510"])  # shares of 255 samples: odd micro-batch counts
+    assert set(uneven) == {"learner.micro_batch_size"}
+    assert "a multiple of learner.dp x learner.pp = 4" in uneven["learner.micro_batch_size"]
+    assert found(["experiment=llama_70b", "learner.virtual_pp=2", "learner.pp=2", "learner.dp=2",
+                  "pipeline.batch_size=508"]) == {}
+    # every data-parallel replica needs a sample
+    few = found(["learner=megatron", "learner.dp=4", "pipeline.batch_size=2"])
+    assert set(few) == {"pipeline.batch_size"} and "learner.dp=4" in few["pipeline.batch_size"]
+
+
+def test_megatron_needs_psutil_on_this_machine(monkeypatch):
+    from asyncopd.validation import rules
+
+    cfg = compose_config(["learner=megatron"])
+    missing = rules._missing
+    monkeypatch.setattr(rules, "_missing", lambda module: module == "psutil" or missing(module))
+    assert any("psutil" in p.message for p in rules.host_problems(cfg) if p.field == "learner.backend")
+    monkeypatch.setattr(rules, "_missing", lambda module: module != "psutil" and missing(module))
+    assert not any("psutil" in p.message for p in rules.host_problems(cfg))
 
 
 def test_cli_validate_prints_the_plan_and_the_verdict(capsys):
     assert main(["validate"]) == 0
     out = capsys.readouterr().out
     assert "learner" in out and "total/GPU" in out and "verdict: can run" in out
-    assert main(["validate", "experiment=llama_70b"]) == 2
+    # this machine's problems (no sglang, no CUDA, no checkpoints) are shown but do not decide the verdict
+    assert main(["validate", "experiment=llama_70b"]) == 0
     out = capsys.readouterr().out
-    assert "[learner.pp]" in out and "[cluster.nodes]" in out and "verdict: cannot run" in out
+    assert "on this machine" in out and "verdict: can run" in out and "cannot run:" not in out
+    assert main(["validate", "experiment=llama_70b", "rollout.num_engines=8"]) == 2
+    out = capsys.readouterr().out
+    assert "[cluster.nodes]" in out and "verdict: cannot run" in out
 
 
 @pytest.mark.parametrize("args, needle", [

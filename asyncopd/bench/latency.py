@@ -19,7 +19,6 @@ goes through the run's own clients, whose per-thread connection stays alive acro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncopd.bench.args import positive_int
+from asyncopd.bench.report import box_plot, write_report
 from asyncopd.bench.table import format_table
 from asyncopd.config.schema import ModelConfig
 
@@ -126,32 +126,12 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"1-min load average {load:.1f} on {cpus} CPUs")
     print(format_table(rows, TABLE))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         saved = {"requests": args.requests, "load_average_1min": load, "cpus": cpus, "calls": rows}
-        (out / "latency.json").write_text(json.dumps(saved, indent=2))
-        plot(rows, out / "latency.png")
-        print(f"wrote {out / 'latency.json'} and {out / 'latency.png'}")
+        write_report(args.out, "latency", saved, lambda path: plot(rows, path))
     return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Each call's latency distribution on a log scale (a 40 ms stall stands out by two decades)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.boxplot([r["samples_ms"] for r in rows], orientation="horizontal", whis=(1, 99), showfliers=False)
-    ax.set_yticks(range(1, len(rows) + 1), [r["call"] for r in rows])
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
-    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("ms per call (box: quartiles, whiskers: p1-p99)")
-    ax.set_title("AsyncOPD: HTTP call latency on a kept-alive connection")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    box_plot([r["samples_ms"] for r in rows], [r["call"] for r in rows], "ms per call (box: quartiles, whiskers: "
+             "p1-p99)", "AsyncOPD: HTTP call latency on a kept-alive connection", path, whis=(1, 99), log=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncopd.bench.args import positive_int
+from asyncopd.bench.report import box_plot, write_report
 from asyncopd.bench.table import format_table
 
 MODES = ("raw per-tensor", "raw flattened", "sync per-tensor", "sync flattened")
@@ -247,33 +248,19 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"{load:.1f} on {cpus} CPUs")
     print(format_table(rows, TABLE))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         saved = {"parameters": n_params, "bytes": base.bytes, "wire_dtype": base.wire_dtype,
                  "buckets": len(base.buckets), "bucket_mb": cfg.weights.bucket_mb, "engines": args.engines,
                  "backend": cfg.weights.backend, "pause_mode": cfg.weights.pause_mode, "repeats": args.repeats,
                  "load_average_1min": load, "cpus": cpus, "modes": rows}
-        (out / "weights.json").write_text(json.dumps(saved, indent=2))
-        plot(rows, out / "weights.png")
-        print(f"wrote {out / 'weights.json'} and {out / 'weights.png'}")
+        write_report(args.out, "weights", saved, lambda path: plot(rows, path))
     return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Each mode's update times (box: quartiles, whiskers: min-max)."""
-    import matplotlib
+    box_plot([r["samples_s"] for r in rows], [r["mode"] for r in rows], "seconds per update (box: quartiles, "
+             "whiskers: min-max)", "AsyncOPD: weight update vs raw broadcast of the same bytes", path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.boxplot([r["samples_s"] for r in rows], orientation="horizontal", whis=(0, 100), showfliers=False)
-    ax.set_yticks(range(1, len(rows) + 1), [r["mode"] for r in rows])
-    ax.set_xlabel("seconds per update (box: quartiles, whiskers: min-max)")
-    ax.set_title("AsyncOPD: weight update vs raw broadcast of the same bytes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    """A megatron learner checkpoint (any layout) -> a Hugging Face checkpoint directory."""
+    from pathlib import Path
+
+    from asyncopd.core.errors import ConfigError
+    from asyncopd.learner.checkpoints import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    if not (ckpt / "megatron").is_dir():
+        hf = (ckpt / "config.json").exists() and any(ckpt.glob("model*.safetensors"))
+        raise ConfigError(f"{args.checkpoint}: " + (
+            "already a Hugging Face checkpoint (the hf learner saves them): serve or load it as it is" if hf else
+            "no megatron learner checkpoint here (expected <run>/checkpoint, a checkpoints/step-N directory or a "
+            "run directory holding them)"))
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise ConfigError(f"{args.out} exists and is not empty: pick a new directory for the export")
+    from asyncopd.learner.megatron.model import export_hf
+
+    out = export_hf(str(ckpt), args.out, bucket_bytes=int(args.shard_gb * (1 << 30)))
+    print(f"exported {ckpt} -> {out}")
+    return 0
+
+
 def _raised_from(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
     """`error` or the first exception in its `raise ... from` chain that is a `kind` (a pipeline stage's error
     reaches the CLI wrapped in the learner loop's)."""
@@ -94,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="sync vs async pipeline benchmark (`asyncopd bench memory`: estimator "
                        "memory, `bench latency`: HTTP call latency, `bench prepare`: the prepare recipe over seeds, "
-                       "`bench weights`: weight-update bandwidth, `bench router`: sglang-router's overhead)")
+                       "`bench weights`: weight-update bandwidth, `bench router`: sglang-router's overhead, "
+                       "`bench learner`: the megatron learner per layout)")
     from asyncopd.bench.pipeline_bench import add_arguments as add_pipeline_bench
 
     add_pipeline_bench(p)
@@ -107,11 +131,19 @@ def main(argv: list[str] | None = None) -> int:
             ("bench-prepare", "prepare_bench", "the prepare recipe from scratch over seeds x torch threads"),
             ("bench-latency", "latency", "HTTP latency of /health, /generate, /score, weight update"),
             ("bench-weights", "weight_bench", "weight-update time and GB/s vs a raw torch.distributed broadcast"),
-            ("bench-router", "router_bench", "per-request overhead of sglang-router vs calling an engine directly")):
+            ("bench-router", "router_bench", "per-request overhead of sglang-router vs calling an engine directly"),
+            ("bench-learner", "learner_bench", "megatron learner per TP x PP x DP layout: tokens/s, memory, export")):
         bench = importlib.import_module(f"asyncopd.bench.{module}")
         p = sub.add_parser(name, help=text)
         bench.add_arguments(p)
         p.set_defaults(func=lambda a, bench=bench: (bench.run(a), 0)[1])
+
+    p = sub.add_parser("export-hf", help="a megatron learner checkpoint (any TP/PP/DP layout) as a Hugging Face "
+                       "checkpoint (config, tokenizer, safetensors shards)")
+    p.add_argument("checkpoint", help="<run>/checkpoint, <run>/checkpoints/step-N, or a run directory (its newest)")
+    p.add_argument("out", help="a new directory for the Hugging Face checkpoint")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="size of each safetensors shard (GiB)")
+    p.set_defaults(func=_cmd_export_hf)
 
     p = sub.add_parser("analyze-estimators", help="bias/variance of reverse-KL gradient estimators")
     from asyncopd.bench import estimator_analysis
@@ -119,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     estimator_analysis.add_arguments(p)
     p.set_defaults(func=lambda a: (estimator_analysis.run(a), 0)[1])
 
+    p = sub.add_parser("simulate", help="discrete-event model of the pipeline at cluster scale: calibrate against "
+                       "a bench (--calibrate bench.json) or project GPU splits x k (--project paper)")
+    from asyncopd.bench import simulate
+
+    simulate.add_arguments(p)
+    p.set_defaults(func=lambda a: (simulate.run(a), 0)[1])
+
     argv = list(sys.argv[1:] if argv is None else argv)
     # `bench` takes free Hydra overrides, so its subcommands are routed here
-    if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"], ["weights"], ["router"]):
+    if argv[:1] == ["bench"] and argv[1:2] in (["memory"], ["latency"], ["prepare"], ["weights"], ["router"],
+                                               ["learner"]):
         argv = [f"bench-{argv[1]}", *argv[2:]]
     args = parser.parse_args(argv)
     from asyncopd.core.errors import ConfigError, TeacherDegenerate

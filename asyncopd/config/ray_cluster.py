@@ -50,3 +50,41 @@ def start_ray(cfg: ClusterConfig, run_dir: str | Path) -> bool:
         configure_logging=False,
     )
     return True
+
+
+NODE_RESOURCE = "asyncopd_node_"  # slurm/asyncopd_70b.sh starts each raylet with {"asyncopd_node_<slurm node>": 1}
+
+
+def ray_node_labels() -> dict[str, str]:
+    """Ray node id -> a readable name: the Slurm node its raylet was started for (NODE_RESOURCE), else its IP and
+    id prefix (on one host several raylets share the IP)."""
+    import ray
+
+    labels = {}
+    for node in ray.nodes():
+        named = [r[len(NODE_RESOURCE):] for r in node.get("Resources", {}) if r.startswith(NODE_RESOURCE)]
+        labels[node["NodeID"]] = named[0] if named else f"{node['NodeManagerAddress']}/{node['NodeID'][:8]}"
+    return labels
+
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def placement(cfg: ClusterConfig, role: str, count: int, gpus: float, timeout_s: float = 600.0) -> list[dict]:
+    """Ray `.options()` for each of a role's `count` actors: bundle i of one placement group with the role's
+    strategy (cluster.<role>_placement) when cluster.placement_groups is on, else nothing (Ray's default)."""
+    if not cfg.placement_groups or count == 0:
+        return [{} for _ in range(count)]
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = getattr(cfg, f"{role}_placement")
+    bundle = {"GPU": gpus} if gpus else {"CPU": 0.01}  # a bundle needs some resource; CPU actors ask for none
+    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=f"asyncopd-{role}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        raise RuntimeError(f"the {role} placement group ({count} x {bundle}, {strategy}) was not placed in "
+                           f"{timeout_s:g} s: the cluster lacks the resources (ray status shows them)")
+    return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+            for i in range(count)]

@@ -214,6 +214,11 @@ class LearnerConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1  # data-parallel replicas: the learner uses tp * pp * dp GPUs
+    virtual_pp: int = 1  # megatron: model chunks per pipeline stage (> 1: the interleaved 1F1B schedule)
+    micro_batch_size: int = 0  # samples per forward/backward on each DP rank (0: its whole share at once)
+    precision: str = "fp32"  # fp32 | bf16 (megatron: bf16 parameters, fp32 main weights and fp32 gradients)
+    recompute: str = "none"  # none | full | selective (megatron activation recomputation; selective: attention)
+    distributed_optimizer: bool = True  # megatron: Adam state and fp32 main weights sharded over the DP ranks
     fp8: bool = False  # FP8 GEMMs through Transformer Engine (megatron backend; asyncopd.learner.megatron.patches.fp8)
     fp8_recipe: str = "delayed"  # delayed (DelayedScaling) | current (Float8CurrentScaling, per-tensor)
     fp8_format: str = "hybrid"  # hybrid (E4M3 forward, E5M2 backward) | e4m3
@@ -277,7 +282,7 @@ class WeightSyncConfig:
 
     backend: str = "gloo"  # gloo | nccl
     bucket_mb: float = 128.0
-    master_addr: str = "127.0.0.1"
+    master_addr: str = "127.0.0.1"  # "" = the node of the learner's rank 0 (multi-node: Ray places it anywhere)
     master_port: int = 0  # 0 = pick a free port
     timeout_s: float = 120.0
     group_name: str = "asyncopd_weights"  # the torch.distributed group learner and engines form
@@ -321,6 +326,12 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     gpu_memory_gib: float = 0.0  # memory of one GPU (0 = not checked)
+    # each role's actors in a Ray placement group of one bundle per actor (their GPUs; a sliver of CPU without):
+    # where they run is then the group's strategy, not Ray's default of "near the driver"
+    placement_groups: bool = False
+    learner_placement: str = "PACK"  # PACK: the learner's ranks (TP groups first) on as few nodes as fit
+    rollout_placement: str = "SPREAD"  # SPREAD: engines over the nodes
+    teacher_placement: str = "SPREAD"
 
 
 @dataclass

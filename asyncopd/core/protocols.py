@@ -18,6 +18,9 @@ from asyncopd.core.types import LearnerBatch, Rollout, StepResult, TeacherScores
 class WeightSource(Protocol):
     """The learner side of a weight sync (rank 0 of the group)."""
 
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(address, free port) on the node that hosts rank 0: the group meets there (weights.master_addr="")."""
+
     def init_weight_group(self, master_address: str, master_port: int, world_size: int, group_name: str,
                           backend: str, timeout_s: float) -> None: ...
 

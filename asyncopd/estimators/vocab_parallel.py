@@ -38,16 +38,14 @@ class VocabShard:
         return cls(start=start, size=min(per, vocab_size - start), vocab_size=vocab_size, group=group)
 
     @classmethod
-    def partition(cls, vocab_size: int, per_partition: int, group: Any = None) -> VocabShard:
+    def partition(cls, per_partition: int, group: Any = None) -> VocabShard:
         """Megatron's padded layout: rank r holds ids [r * per_partition, (r + 1) * per_partition) of a
-        vocabulary padded to tp * per_partition; the padding ids are not part of the softmax, so pass
-        only `logits_local[..., :shard.size]` (the rank's real ids) to the estimators."""
-        start = dist.get_rank(group) * per_partition
-        size = max(0, min(per_partition, vocab_size - start))
-        if size == 0:
-            raise ValueError(f"TP rank {dist.get_rank(group)} holds only vocabulary padding "
-                             f"(vocab {vocab_size}, {per_partition} ids per rank): shrink the padding")
-        return cls(start=start, size=size, vocab_size=vocab_size, group=group)
+        vocabulary padded to tp * per_partition. Ids past the real vocabulary (megatron's padding, a
+        checkpoint's rows past its tokenizer) are not part of the softmax: the caller sets their logits to
+        -inf, which gives them no mass and no gradient, on a rank that holds nothing else too."""
+        world = dist.get_world_size(group)
+        return cls(start=dist.get_rank(group) * per_partition, size=per_partition,
+                   vocab_size=world * per_partition, group=group)
 
     def local_index(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(local ids with every id this rank does not own sent to the dummy column `size`, owned mask)."""

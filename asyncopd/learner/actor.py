@@ -1,6 +1,6 @@
 """One learner rank as a Ray actor: trains, exports weights; rank 0 is also rank 0 of the weight-broadcast group.
 
-A learner with tp * pp ranks is `tp * pp` of these actors forming their own default torch.distributed group
+A learner with tp * pp * dp ranks is that many of these actors forming their own default torch.distributed group
 (asyncopd.learner.group.LearnerGroup drives them); a single rank needs no rendezvous and is ready once built.
 Every rank takes part in the collective calls (train_step, weight export, save), only rank 0 sends weights.
 """
@@ -29,6 +29,10 @@ class LearnerActor:
         self.world_size = world_size
         self.group = None
         self.trainer = build_trainer(cfg, model_path) if world_size == 1 else None
+
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (summary.json's ray_nodes)."""
+        return ray.get_runtime_context().get_node_id()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """(this node's IP, a port free on it): where the ranks' default process group meets (asked of rank 0)."""

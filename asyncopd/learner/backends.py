@@ -20,7 +20,8 @@ class LearnerBackend:
     name: str  # the learner.backend value
     build: Callable[[LearnerConfig, str], ModelBackend]  # (learner cfg, model path) -> backend; imports lazily
     max_tp: int | None  # largest learner.tp it runs; None = any
-    max_pp: int  # pipeline stages implemented
+    max_pp: int | None  # pipeline stages implemented; None = any
+    max_dp: int | None  # data-parallel replicas implemented; None = any
     fp8: bool  # can run learner.fp8=true (megatron: through Transformer Engine's layers)
     needs: tuple[str, ...]  # importable modules it needs
     families: frozenset[str] | None  # Hugging Face model_types it can train (None: any causal LM)
@@ -31,7 +32,7 @@ class LearnerBackend:
 def _build_hf(cfg: LearnerConfig, model_path: str) -> ModelBackend:
     from asyncopd.learner.hf import HFBackend
 
-    return HFBackend(model_path)
+    return HFBackend(cfg, model_path)
 
 
 def _build_megatron(cfg: LearnerConfig, model_path: str) -> ModelBackend:
@@ -41,9 +42,10 @@ def _build_megatron(cfg: LearnerConfig, model_path: str) -> ModelBackend:
 
 
 LEARNER_BACKENDS: dict[str, LearnerBackend] = {b.name: b for b in (
-    LearnerBackend("hf", _build_hf, max_tp=1, max_pp=1, fp8=False, needs=(), families=None,
+    LearnerBackend("hf", _build_hf, max_tp=1, max_pp=1, max_dp=1, fp8=False, needs=(), families=None,
                    replicates_kv_heads=True, uses_gpu=False),
-    LearnerBackend("megatron", _build_megatron, max_tp=None, max_pp=1, fp8=True, needs=("megatron.core",),
+    LearnerBackend("megatron", _build_megatron, max_tp=None, max_pp=None, max_dp=None, fp8=True,
+                   needs=("megatron.core", "psutil"),  # psutil: dist_checkpointing's writer hangs without it
                    families=frozenset({"qwen2", "qwen3", "llama"}),  # the FAMILIES megatron/convert.py maps
                    replicates_kv_heads=False, uses_gpu=True),  # and splits their KV heads evenly over the TP ranks
 )}

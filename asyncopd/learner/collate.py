@@ -1,5 +1,7 @@
 """Turn (Rollout, TeacherScores) pairs into padded learner tensors, and pick logits at response positions."""
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -55,3 +57,32 @@ def response_logits(logits: torch.Tensor, response_index: torch.Tensor) -> torch
     """[B, L, V] logits over the whole sequence -> [B, T, V] logits that predict each response token."""
     index = response_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return torch.gather(logits, 1, index)
+
+
+def micro_batches(batch: LearnerBatch, size: int, start: int = 0, stop: int | None = None,
+                  trim: bool = True) -> list[LearnerBatch]:
+    """Samples [start, stop) of `batch` in micro-batches of `size` samples (0: one), each trimmed to its own
+    longest sequence and response (trim=False: all keep the batch's shape), so a micro-batch of short samples
+    pays for no other's padding."""
+    stop = batch.input_ids.shape[0] if stop is None else stop
+    size = size if size > 0 else max(stop - start, 1)
+    return [_rows(batch, a, min(a + size, stop), trim) for a in range(start, stop, size)]
+
+
+def _rows(batch: LearnerBatch, a: int, b: int, trim: bool) -> LearnerBatch:
+    L = max(int(batch.attention_mask[a:b].sum(dim=1).max()), 1) if trim else batch.input_ids.shape[1]
+    T = max(int(batch.est.mask[a:b].sum(dim=1).max()), 1) if trim else batch.est.mask.shape[1]
+    est = dataclasses.replace(batch.est, **{
+        f.name: v[a:b, :T] for f in dataclasses.fields(batch.est)
+        if isinstance(v := getattr(batch.est, f.name), torch.Tensor)})
+    return LearnerBatch(batch.input_ids[a:b, :L], batch.attention_mask[a:b, :L],
+                        batch.response_index[a:b, :T].clamp(max=L - 1), est, batch.versions[a:b],
+                        batch.token_versions[a:b])
+
+
+def merge_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Token-weighted mean of per-micro-batch metrics [(metrics, real tokens)]: the whole batch's token means."""
+    total = sum(n for _, n in parts)
+    if not parts:
+        return {}
+    return {k: sum(m[k] * n for m, n in parts) / total if total else parts[0][0][k] for k in parts[0][0]}

@@ -1,4 +1,5 @@
-"""The learner as the driver sees it: `learner.tp * learner.pp` LearnerActor ranks behind synchronous calls.
+"""The learner as the driver sees it: `learner.tp * learner.pp * learner.dp` LearnerActor ranks behind synchronous
+calls.
 
 The ranks form their own default torch.distributed group (gloo on CPU, NCCL on GPU) at rank 0's address.
 Every call is fanned out to all ranks with the same arguments, in the same order (a lock keeps driver threads
@@ -11,6 +12,7 @@ from typing import Any
 
 import ray
 
+from asyncopd.config.ray_cluster import placement
 from asyncopd.config.schema import Config, LearnerConfig
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.types import LearnerBatch, StepResult
@@ -19,19 +21,18 @@ from asyncopd.learner.backends import LEARNER_BACKENDS, learner_backend
 
 
 def learner_ranks(cfg: LearnerConfig) -> int:
-    """How many processes the learner needs: tp * pp, within what `learner.backend` implements."""
+    """How many processes the learner needs: tp * pp * dp, within what `learner.backend` implements."""
     backend = learner_backend(cfg.backend)
-    if cfg.tp < 1 or cfg.pp < 1:
-        raise ConfigError(f"learner.tp={cfg.tp} and learner.pp={cfg.pp} must both be >= 1")
-    if backend.max_tp is not None and cfg.tp > backend.max_tp:
-        fits = [b.name for b in LEARNER_BACKENDS.values() if b.max_tp is None or cfg.tp <= b.max_tp]
-        fix = "".join(f"learner.backend={name}, or " for name in fits)
-        raise ConfigError(f"learner.tp={cfg.tp} with learner.backend={cfg.backend}: that learner runs at most "
-                          f"tp={backend.max_tp}; set {fix}learner.tp={backend.max_tp}")
-    if cfg.pp > backend.max_pp:
-        raise ConfigError(f"learner.pp={cfg.pp} with learner.backend={cfg.backend}: that learner implements "
-                          f"{backend.max_pp} pipeline stage(s); set learner.pp={backend.max_pp}")
-    return cfg.tp * cfg.pp
+    if min(cfg.tp, cfg.pp, cfg.dp) < 1:
+        raise ConfigError(f"learner.tp={cfg.tp}, learner.pp={cfg.pp} and learner.dp={cfg.dp} must all be >= 1")
+    for knob, value, limit in (("tp", cfg.tp, backend.max_tp), ("pp", cfg.pp, backend.max_pp),
+                               ("dp", cfg.dp, backend.max_dp)):
+        if limit is not None and value > limit:
+            fits = [b.name for b in LEARNER_BACKENDS.values() if getattr(b, f"max_{knob}") is None]
+            fix = "".join(f"learner.backend={name}, or " for name in fits)
+            raise ConfigError(f"learner.{knob}={value} with learner.backend={cfg.backend}: that learner runs at most "
+                              f"{knob}={limit}; set {fix}learner.{knob}={limit}")
+    return cfg.tp * cfg.pp * cfg.dp
 
 
 def _gather(refs: list) -> list:
@@ -55,8 +56,9 @@ class LearnerGroup:
     def launch(cls, cfg: Config, model_path: str) -> "LearnerGroup":
         """Start the ranks and wait until every one has built its trainer (errors surface here)."""
         world = learner_ranks(cfg.learner)
-        rank_actor = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus_per_rank)
-        actors = [rank_actor.remote(cfg, model_path, rank, world) for rank in range(world)]
+        gpus = cfg.learner.gpus_per_rank
+        actors = [LearnerActor.options(num_cpus=0, num_gpus=gpus, **placed).remote(cfg, model_path, rank, world)
+                  for rank, placed in enumerate(placement(cfg.cluster, "learner", world, gpus))]
         try:
             if world == 1:
                 _gather([actors[0].version.remote()])
@@ -84,6 +86,15 @@ class LearnerGroup:
 
     def version(self) -> int:
         return self._rank0("version")
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of every rank, by rank."""
+        return ray.get([a.node_id.remote() for a in self.actors])
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """(rank 0's node IP, a port free there): where the weight-sync group meets when weights.master_addr is
+        empty, so it is hosted where rank 0 runs, whichever node Ray placed it on."""
+        return self._rank0("rendezvous_address")
 
     def train_step(self, batch: LearnerBatch) -> StepResult:
         """One optimizer step on every rank with the same batch (sent to the object store once)."""

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 
+import ray
 import torch
 
 from asyncopd.config.schema import SupervisionConfig
@@ -115,6 +116,10 @@ class ServiceHost:
 
     def _launch(self, port: int):
         raise NotImplementedError
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (summary.json's ray_nodes)."""
+        return ray.get_runtime_context().get_node_id()
 
     def _launch_on(self, port: int):
         """Serve on `port` (0: a free one); a port taken meanwhile (by another process) falls back to a free one."""

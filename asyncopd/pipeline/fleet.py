@@ -5,6 +5,7 @@ from pathlib import Path
 
 import ray
 
+from asyncopd.config.ray_cluster import placement
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.types import Rollout
@@ -84,13 +85,17 @@ class Fleet:
     def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
         rollout, sup = ROLLOUT_BACKENDS[cfg.rollout.backend], cfg.supervision
         # max_restarts: Ray restarts an actor whose process died (the embedded servers run inside it)
-        engine_host = rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine,
-                                             max_restarts=sup.max_restarts)
-        engine_actors = [engine_host.remote(paths.student, cfg.rollout, sup) for _ in range(cfg.rollout.num_engines)]
+        engine_actors = [rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine,
+                                                max_restarts=sup.max_restarts, **placed).remote(
+                             paths.student, cfg.rollout, sup)
+                         for placed in placement(cfg.cluster, "rollout", cfg.rollout.num_engines,
+                                                 cfg.rollout.gpus_per_engine)]
         services = teacher_services(cfg)
         teacher_actors = {t.name: [TEACHER_BACKENDS[t.cfg.backend].host().options(
-            num_cpus=0, num_gpus=t.cfg.gpus_per_replica, max_restarts=sup.max_restarts).remote(t.path, t.cfg, sup)
-            for _ in range(t.cfg.replicas)] for t in services}
+            num_cpus=0, num_gpus=t.cfg.gpus_per_replica, max_restarts=sup.max_restarts, **placed).remote(
+                t.path, t.cfg, sup)
+            for placed in placement(cfg.cluster, "teacher", t.cfg.replicas, t.cfg.gpus_per_replica)]
+            for t in services}
         started = {name: [a.start.remote() for a in actors] for name, actors in teacher_actors.items()}  # all at once
         engine_urls = ray.get([a.start.remote() for a in engine_actors])
         teacher_urls = {name: ray.get(refs) for name, refs in started.items()}
@@ -114,6 +119,14 @@ class Fleet:
             fleet.shutdown()
             raise
         return fleet
+
+    def node_ids(self) -> dict[str, list[str]]:
+        """The Ray node of every engine and teacher replica, by role ("teacher/<name>" with several teachers)."""
+        out = {"rollout": ray.get([a.node_id.remote() for a in self.engine_actors])}
+        for name, actors in self.teacher_actors.items():
+            out["teacher" if len(self.teacher_actors) == 1 else f"teacher/{name}"] = \
+                ray.get([a.node_id.remote() for a in actors])
+        return out
 
     def start_router(self) -> None:
         """rollout.router=sglang_router: the router over the engines, on 127.0.0.1; /generate goes through it from

@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from asyncopd.config.load import to_yaml
-from asyncopd.config.ray_cluster import start_ray
+from asyncopd.config.ray_cluster import ray_node_labels, start_ray
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.protocols import LearnerHandle
@@ -168,7 +168,8 @@ def run_training(cfg: Config) -> dict:
             save(cfg.pipeline.steps)
         builtin = not (cfg.data.train_files or cfg.data.val_files)  # the teacher was measured on the task's val
         summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy if builtin else None,
-                           {"train": train_set.summary(), "val": val_set.summary() if val_set else None}, sync)
+                           {"train": train_set.summary(), "val": val_set.summary() if val_set else None}, sync,
+                           _ray_nodes(fleet, learner))
         print(logger.summary(summary))
         return summary
     finally:
@@ -185,15 +186,23 @@ def run_training(cfg: Config) -> dict:
             ray.shutdown()
 
 
+def _ray_nodes(fleet: Fleet, learner: LearnerGroup) -> dict[str, list[str]]:
+    """Which Ray node each role's actors ran on, by readable node name (asyncopd.config.ray_cluster)."""
+    labels = ray_node_labels()
+    ids = {"learner": learner.node_ids(), **fleet.node_ids()}
+    return {role: [labels.get(n, n) for n in nodes] for role, nodes in ids.items()}
+
+
 def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, loop: OPDLoop,
              evals: list[tuple[int, dict[str, float]]], teacher_accuracy: float | None, data: dict,
-             supervisor: Supervisor) -> dict:
+             supervisor: Supervisor, ray_nodes: dict[str, list[str]]) -> dict:
     train_wall = times.wall_s - eval_time
     per_role = {role: float(np.sum(getattr(times, role))) for role in ("rollout", "teacher", "learner")}
     last = loop.history[-1] if loop.history else {}
     first, final = (evals[0][1]["eval/pass@1"], evals[-1][1]["eval/pass@1"]) if evals else (None, None)
     return {
         "run_dir": str(run_dir),
+        "ray_nodes": ray_nodes,  # role -> the Ray node of each actor (learner: by rank)
         "estimator": cfg.estimator.name,
         "max_staleness": cfg.pipeline.max_staleness,
         "steps": cfg.pipeline.steps,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncopd.config.resources import (
+    PRECISION,
     Arch,
     MemoryEstimate,
     check_layout,
@@ -84,17 +85,15 @@ def plan(cfg: Config) -> Plan:
     student, s_src, s_family = _arch(m.student, m.student_path or str(Path(m.artifacts_dir) / "student"))
     seq = max_prompt_tokens(cfg.task) + r.max_new_tokens
     B = cfg.pipeline.batch_size
-    # the learner takes the whole batch in one step, split over its data-parallel replicas; both learners train
-    # fp32 parameters with torch AdamW (two fp32 moments, no master copy, not sharded over dp)
-    learner_mem = learner_memory(student, tp=lr.tp, pp=lr.pp, dp=lr.dp, micro_batch=-(-B // lr.dp), seq_len=seq,
-                                 param_bytes=4, grad_bytes=4, distributed_optimizer=False)
+    learner_mem, micro = _learner_memory(cfg, student, seq)
     # an engine holds its share of the batch, every sequence at full length, in its KV cache
     per_engine = -(-B // r.num_engines)
     rollout_mem = engine_memory(student, tp=r.tp, kv_tokens=per_engine * seq, role="rollout")
     ranks = lr.tp * lr.pp * lr.dp
+    vpp = f" vpp={lr.virtual_pp}" if lr.virtual_pp > 1 else ""
     roles = [
-        RolePlan("learner", lr.backend, f"tp={lr.tp} pp={lr.pp} dp={lr.dp}", ranks * lr.gpus_per_rank, s_src,
-                 learner_mem),
+        RolePlan("learner", lr.backend, f"tp={lr.tp} pp={lr.pp}{vpp} dp={lr.dp} mb={micro}", ranks * lr.gpus_per_rank,
+                 s_src, learner_mem),
         RolePlan("rollout", r.backend, f"{r.num_engines} engines x tp={r.tp}", r.num_engines * r.gpus_per_engine,
                  s_src, rollout_mem, per_engine),
     ]
@@ -109,7 +108,7 @@ def plan(cfg: Config) -> Plan:
                               engine_memory(teacher, tp=t.tp, kv_tokens=scored, role="teacher"), max(scored // seq, 1)))
         teacher_layouts += check_layout(svc.field, teacher, t.tp)
     out = Plan(roles, c.nodes * c.gpus_per_node, seq)
-    layout = check_layout("learner", student, lr.tp, lr.pp)
+    layout = check_layout("learner", student, lr.tp, lr.pp, lr.virtual_pp)
     out.problems += layout
     backend = LEARNER_BACKENDS[lr.backend]
     families = backend.families
@@ -128,6 +127,26 @@ def plan(cfg: Config) -> Plan:
     return out
 
 
+def _learner_memory(cfg: Config, student: Arch, seq: int) -> tuple[MemoryEstimate, int]:
+    """The learner's per-GPU estimate and its micro-batch. Each DP rank takes ceil(batch / dp) samples per step, in
+    micro-batches of learner.micro_batch_size (0: all at once). The megatron learner trains in learner.precision
+    with megatron's optimizer (sharded over dp with learner.distributed_optimizer) and learner.recompute; the hf
+    learner trains fp32 parameters with torch AdamW (two fp32 moments, no master copy, not sharded), no
+    recomputation."""
+    lr = cfg.learner
+    dp, pp, vpp = max(lr.dp, 1), max(lr.pp, 1), max(lr.virtual_pp, 1)
+    share = -(-cfg.pipeline.batch_size // dp)
+    micro = lr.micro_batch_size if lr.micro_batch_size > 0 else share
+    megatron = lr.backend == "megatron"
+    param_b, grad_b = PRECISION.get(lr.precision, PRECISION["fp32"]) if megatron else PRECISION["fp32"]
+    recompute = lr.recompute if megatron and lr.recompute in ("full", "selective") else "none"
+    mem = learner_memory(student, tp=lr.tp, pp=pp, dp=dp, micro_batch=micro, seq_len=seq, param_bytes=param_b,
+                         grad_bytes=grad_b, distributed_optimizer=megatron and lr.distributed_optimizer,
+                         recompute=recompute, virtual_pp=vpp if megatron else 1,
+                         num_microbatches=-(-share // micro))
+    return mem, micro
+
+
 def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Problem]:
     """GPU totals against the allocation, a GPU per shard, and each role's memory against one GPU."""
     c, out = cfg.cluster, []
@@ -137,12 +156,18 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Pr
     on_gpu = {"rollout": ROLLOUT_BACKENDS[cfg.rollout.backend].uses_gpu,
               **{t.field: TEACHER_BACKENDS[t.cfg.backend].uses_gpu for t in teachers},
               "learner": LEARNER_BACKENDS[cfg.learner.backend].uses_gpu}  # CPU backends: no GPU rules
-    for role, name, per, tp in (("rollout", "rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
-                                *((t.field, f"{t.field}.gpus_per_replica", t.cfg.gpus_per_replica, t.cfg.tp)
-                                  for t in teachers)):
+    servers = [("rollout", "rollout.gpus_per_engine", cfg.rollout.gpus_per_engine, cfg.rollout.tp),
+               *((t.field, f"{t.field}.gpus_per_replica", t.cfg.gpus_per_replica, t.cfg.tp) for t in teachers)]
+    for role, name, per, tp in servers:
         if on_gpu[role] and per != tp:
             out.append(Problem(name, f"{name}={per:g} but its tp is {tp}: a tensor-parallel server needs one GPU "
                                       f"per shard; set {name}={tp}"))
+        if on_gpu[role] and c.gpus_per_node > 0 and tp > c.gpus_per_node:
+            out.append(Problem(f"{role}.tp", f"{role}.tp={tp} but a node has cluster.gpus_per_node="
+                                             f"{c.gpus_per_node}: each replica is one Ray actor running one SGLang "
+                                             f"server, which cannot span nodes; set {role}.tp <= {c.gpus_per_node} "
+                                             "(a model too large for one node needs GPUs with more memory or "
+                                             "lower-precision weights)"))
     if on_gpu["learner"] and cfg.learner.gpus_per_rank != 1:
         out.append(Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
                                                      "cluster: each learner rank drives one GPU; set it to 1"))
@@ -161,7 +186,32 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Pr
                 p.memory.params_bytes + p.memory.kv_cache_bytes / max(p.kv_sequences, 1)
             if need / GIB > c.gpu_memory_gib:
                 fix = f"{p.role}.tp"
+                tp = next((tp for role, _, _, tp in servers if role == p.role), 0)
                 out.append(Problem(fix, f"the {p.role} needs ~{need / GIB:.1f} GiB per GPU ({p.layout}) but "
-                                         f"cluster.gpu_memory_gib={c.gpu_memory_gib:g}: raise {fix}"
-                                         + (" or shrink pipeline.batch_size" if p.role == "learner" else "")))
+                                         f"cluster.gpu_memory_gib={c.gpu_memory_gib:g}: "
+                                         + (_learner_fixes(cfg) if p.role == "learner" else
+                                            f"raise {fix}" if tp < c.gpus_per_node else
+                                            f"{fix}={tp} already fills a node (cluster.gpus_per_node="
+                                            f"{c.gpus_per_node}, and a server cannot span nodes): use GPUs with "
+                                            "more memory or lower-precision weights")))
     return out
+
+
+def _learner_fixes(cfg: Config) -> str:
+    """What would lower the learner's per-GPU memory, from the knobs as they stand in `cfg`."""
+    lr = cfg.learner
+    if lr.backend != "megatron":
+        return ("raise learner.tp or shrink pipeline.batch_size (learner=megatron adds pipeline stages, "
+                "micro-batches, bf16 and recomputation)")
+    fixes = []
+    if lr.micro_batch_size == 0:
+        fixes.append("set learner.micro_batch_size (0 runs each DP rank's whole share at once)")
+    elif lr.micro_batch_size > 1:
+        fixes.append(f"lower learner.micro_batch_size={lr.micro_batch_size}")
+    if lr.recompute != "full":
+        fixes.append(f"set learner.recompute=full (now {lr.recompute})")
+    if lr.precision != "bf16":
+        fixes.append(f"set learner.precision=bf16 (now {lr.precision})")
+    if lr.dp > 1 and not lr.distributed_optimizer:
+        fixes.append("set learner.distributed_optimizer=true")
+    return "; ".join(["raise learner.tp or learner.pp", *fixes])

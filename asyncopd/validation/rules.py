@@ -10,7 +10,9 @@ as one ConfigError, which the CLI prints and exits 2 on.
 import importlib.util
 from pathlib import Path
 
-from asyncopd.config.schema import Config, SupervisionConfig, TeacherConfig
+from asyncopd.config.ray_cluster import STRATEGIES
+from asyncopd.config.resources import PRECISION, RECOMPUTE
+from asyncopd.config.schema import Config, LearnerConfig, SupervisionConfig, TeacherConfig
 from asyncopd.core.errors import ConfigError, Problem
 from asyncopd.data.dataset import as_list
 from asyncopd.data.tokenizer import tokenizer_fingerprint
@@ -74,6 +76,9 @@ def _values(cfg: Config) -> list[tuple[bool, str, str]]:
     return [
         *(rule for t in teacher_services(cfg) for rule in _teacher_values(t.cfg, t.field)),
         *_routing(cfg),
+        *((getattr(cfg.cluster, f"{role}_placement") in STRATEGIES, f"cluster.{role}_placement",
+           f"cluster.{role}_placement={getattr(cfg.cluster, f'{role}_placement')!r} is not a Ray placement "
+           f"strategy: use one of {list(STRATEGIES)}") for role in ("learner", "rollout", "teacher")),
         (d.verifier in VERIFIERS, "data.verifier", f"data.verifier={d.verifier!r} is unknown: use one of "
          f"{sorted(VERIFIERS)}"),
         (bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key",
@@ -117,8 +122,17 @@ def _values(cfg: Config) -> list[tuple[bool, str, str]]:
         (lr.threads >= 1, "learner.threads", f"learner.threads must be >= 1 (got {lr.threads})"),
         (min(lr.tp, lr.pp, lr.dp) >= 1, "learner.tp",
          f"learner.tp, learner.pp and learner.dp must all be >= 1 (got {lr.tp}, {lr.pp}, {lr.dp})"),
-        (lr.dp == 1, "learner.dp", f"learner.dp={lr.dp}: data parallelism is not implemented yet; set "
-         "learner.dp=1 (scale the learner with learner.tp)"),
+        (lr.virtual_pp >= 1, "learner.virtual_pp", f"learner.virtual_pp must be >= 1 (got {lr.virtual_pp}); 1 = "
+         "no interleaving"),
+        (lr.micro_batch_size >= 0, "learner.micro_batch_size", f"learner.micro_batch_size must be >= 0 (got "
+         f"{lr.micro_batch_size}); 0 = each data-parallel rank's whole share of the batch at once"),
+        (lr.precision in PRECISION, "learner.precision", f"learner.precision={lr.precision!r} is unknown: use one of "
+         f"{sorted(PRECISION)}"),
+        (lr.recompute in RECOMPUTE, "learner.recompute", f"learner.recompute={lr.recompute!r} is unknown: use one of "
+         f"{list(RECOMPUTE)}"),
+        (p.batch_size >= lr.dp, "pipeline.batch_size", f"pipeline.batch_size={p.batch_size} < learner.dp={lr.dp}: "
+         f"every data-parallel replica needs a sample each step; set pipeline.batch_size >= {lr.dp} or lower "
+         "learner.dp"),
         (w.backend in ("gloo", "nccl"), "weights.backend",
          f"weights.backend={w.backend!r} is unknown: use 'gloo' or 'nccl'"),
         (w.bucket_mb > 0, "weights.bucket_mb", f"weights.bucket_mb must be > 0 (got {w.bucket_mb})"),
@@ -181,10 +195,13 @@ def _backends(cfg: Config) -> list[Problem]:
         if b.max_tp is not None and tp > b.max_tp:
             out.append(Problem(field, f"{field}={tp}: the {b.name} backend runs at most tp={b.max_tp}; set "
                                       f"{field}={b.max_tp} or use {other}"))
-    if cfg.learner.pp > lb.max_pp:
-        out.append(Problem("learner.pp", f"learner.pp={cfg.learner.pp}: the {lb.name} learner implements pipeline "
-                                         f"parallel size <= {lb.max_pp} only; set learner.pp={lb.max_pp} and "
-                                         "scale with learner.tp"))
+    for field, size, most, what in (("learner.pp", cfg.learner.pp, lb.max_pp, "pipeline stage"),
+                                    ("learner.dp", cfg.learner.dp, lb.max_dp, "data-parallel replica")):
+        if most is not None and size > most:
+            out.append(Problem(field, f"{field}={size}: the {lb.name} learner runs "
+                                      + ("one " + what if most == 1 else f"at most {most} {what}s")
+                                      + f"; set learner.backend=megatron or {field}={most}"))
+    out += _megatron_knobs(cfg.learner, cfg.pipeline.batch_size)
     if cfg.learner.fp8 and not lb.fp8:
         out.append(Problem("learner.fp8", f"learner.fp8=true needs the megatron learner (Transformer Engine); set "
                                           f"learner.fp8=false or learner=megatron (learner.backend={lb.name})"))
@@ -196,6 +213,47 @@ def _backends(cfg: Config) -> list[Problem]:
         for role, c in sglang_roles:
             if msg := sglang_args_problem(role, c.sglang_args):
                 out.append(Problem(f"{role}.sglang_args", msg))
+    return out
+
+
+def _megatron_knobs(lr: LearnerConfig, batch_size: int) -> list[Problem]:
+    """Interleaving, bf16 and recomputation are megatron-core's (the hf learner trains fp32 in
+    one process); the interleaved schedule also needs several stages and micro-batches in groups of learner.pp
+    (megatron/core/pipeline_parallel/schedules.py, forward_backward_pipelining_with_interleaving)."""
+    out, megatron = [], lr.backend == "megatron"
+    fix = "or set learner.backend=megatron"
+    sane = min(lr.pp, lr.dp) >= 1 and batch_size >= lr.dp and lr.micro_batch_size >= 0  # else value rules name them
+    if lr.virtual_pp > 1 and not (megatron and lr.pp > 1):
+        out.append(Problem("learner.virtual_pp", f"learner.virtual_pp={lr.virtual_pp} interleaves model chunks over "
+                                                 f"pipeline stages, which needs the megatron learner and learner.pp > "
+                                                 f"1 (got learner.backend={lr.backend}, learner.pp={lr.pp}): set "
+                                                 "learner.virtual_pp=1, or "
+                                                 + ("learner.pp >= 2" if megatron else
+                                                    "learner.backend=megatron with learner.pp >= 2")))
+    elif lr.virtual_pp > 1 and sane:
+        # replica r takes rows [r*B//dp, (r+1)*B//dp): floor or ceil of B/dp samples, ceil(share/size) micro-batches
+        shares = sorted({batch_size // lr.dp, -(-batch_size // lr.dp)})
+        micro = lr.micro_batch_size or shares[-1]
+        counts = [-(-share // (lr.micro_batch_size or share)) for share in shares]
+        if any(count % lr.pp for count in counts):
+            good = [m for m in range(1, shares[-1] + 1) if all(n % m == 0 and (n // m) % lr.pp == 0 for n in shares)]
+            good = [m for m in good if m <= micro][-3:] or good[:3]  # the largest that do not grow the micro-batch
+            out.append(Problem("learner.micro_batch_size",
+                               f"learner.virtual_pp={lr.virtual_pp}: the interleaved schedule runs micro-batches in "
+                               f"groups of learner.pp={lr.pp}, but the data-parallel ranks' shares of "
+                               f"pipeline.batch_size={batch_size} ({' or '.join(map(str, shares))} samples) make "
+                               f"{' or '.join(map(str, counts))} micro-batches of learner.micro_batch_size="
+                               f"{lr.micro_batch_size}: "
+                               + (f"set learner.micro_batch_size to one of {good}" if good else
+                                  f"set pipeline.batch_size to a multiple of learner.dp x learner.pp = "
+                                  f"{lr.dp * lr.pp}")
+                               + " or learner.virtual_pp=1"))
+    if lr.precision == "bf16" and not megatron:
+        out.append(Problem("learner.precision", f"learner.precision=bf16 needs the megatron learner (the {lr.backend} "
+                                                f"learner trains fp32): set learner.precision=fp32 {fix}"))
+    if lr.recompute in ("full", "selective") and not megatron:
+        out.append(Problem("learner.recompute", f"learner.recompute={lr.recompute} needs the megatron learner: set "
+                                                f"learner.recompute=none {fix}"))
     return out
 
 

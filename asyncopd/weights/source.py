@@ -12,7 +12,7 @@ import time
 import torch
 
 from asyncopd.weights.broadcast import broadcast_buckets, bucket_requests, plan_buckets, str_to_dtype
-from asyncopd.weights.process_group import destroy_weights_group, init_weights_group
+from asyncopd.weights.process_group import destroy_weights_group, find_free_port, init_weights_group
 
 
 class ModuleWeightSource:
@@ -25,6 +25,9 @@ class ModuleWeightSource:
     def _buckets(self, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
         params = {name: p.detach() for name, p in self.module.named_parameters()}
         return [[(name, params[name]) for name in names] for names in plan_buckets(params, bucket_bytes)]
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return "127.0.0.1", find_free_port()  # this process, on this machine
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int, group_name: str,
                           backend: str, timeout_s: float) -> None:

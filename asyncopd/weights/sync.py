@@ -174,15 +174,19 @@ class WeightSync:
     def init_group(self) -> None:
         """Form the group (engines join at their offsets while the learner hosts rank 0) and plan the buckets."""
         self.check_engines()
-        port = self.cfg.master_port or find_free_port(self.cfg.master_addr)
+        if self.cfg.master_addr:
+            addr, port = self.cfg.master_addr, self.cfg.master_port or find_free_port(self.cfg.master_addr)
+        else:  # hosted where the learner's rank 0 runs (a multi-node cluster: any node)
+            addr, port = self.learner.rendezvous_address()
+            port = self.cfg.master_port or port
         joined = [
-            self.pool.submit(e.init_weights_update_group, master_address=self.cfg.master_addr,
+            self.pool.submit(e.init_weights_update_group, master_address=addr,
                              master_port=port, rank_offset=offset, world_size=self.world_size,
                              group_name=self.cfg.group_name, backend=self.cfg.backend)
             for e, offset in zip(self.engines, self.offsets, strict=True)
         ]
-        self.learner.init_weight_group(self.cfg.master_addr, port, self.world_size, self.cfg.group_name,
-                                       self.cfg.backend, self.cfg.timeout_s)
+        self.learner.init_weight_group(addr, port, self.world_size, self.cfg.group_name, self.cfg.backend,
+                                       self.cfg.timeout_s)
         for f in joined:
             f.result()
         self.plan()

@@ -171,12 +171,42 @@ class _Rule:
     megatron: str
     hf: tuple[str, ...]
     kind: str  # replicated | vocab | qkv | fc1 | row
+    exported: bool = True  # False: a copy of another rule's weights (the tied output layer of the last stage)
 
 
-def _rules(layout: DecoderLayout, norms_fused: bool) -> list[_Rule]:
-    rules = [_Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")]
-    for i in range(layout.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
+@dataclass(frozen=True)
+class ChunkSpan:
+    """The part of the decoder one megatron model chunk holds: global layers [first, last), plus the embedding
+    (pre_process: the first pipeline stage's first chunk) and the final norm and output layer (post_process)."""
+
+    first: int
+    last: int
+    pre_process: bool = True
+    post_process: bool = True
+
+    @classmethod
+    def whole(cls, layout: "DecoderLayout") -> "ChunkSpan":
+        return cls(0, layout.num_layers)
+
+
+def pipeline_spans(num_layers: int, pp: int, vpp: int = 1) -> list[list[ChunkSpan]]:
+    """spans[stage][chunk]: megatron's even split of the layers over pp * vpp chunks, chunk c of stage s holding
+    the (c * pp + s)-th slice (the interleaved order; vpp=1 is the plain one)."""
+    if num_layers % (pp * vpp):
+        raise ValueError(f"num_hidden_layers={num_layers} must be divisible by learner.pp * learner.virtual_pp = "
+                         f"{pp * vpp}")
+    per = num_layers // (pp * vpp)
+    return [[ChunkSpan((c * pp + s) * per, (c * pp + s + 1) * per, pre_process=(s == 0 and c == 0),
+                       post_process=(s == pp - 1 and c == vpp - 1)) for c in range(vpp)] for s in range(pp)]
+
+
+def _rules(layout: DecoderLayout, norms_fused: bool, span: ChunkSpan | None = None) -> list[_Rule]:
+    """Every parameter of the chunk `span` (None: the whole model), under the chunk's own (local) layer numbers."""
+    span = span or ChunkSpan.whole(layout)
+    rules = [_Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")] \
+        if span.pre_process else []
+    for i in range(span.first, span.last):
+        m, h = f"decoder.layers.{i - span.first}.", f"model.layers.{i}."
         attn_norm = "self_attention.linear_qkv.layer_norm_weight" if norms_fused else "input_layernorm.weight"
         mlp_norm = "mlp.linear_fc1.layer_norm_weight" if norms_fused else "pre_mlp_layernorm.weight"
         rules += [
@@ -196,9 +226,12 @@ def _rules(layout: DecoderLayout, norms_fused: bool) -> list[_Rule]:
             _Rule(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
             _Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"),
         ]
-    rules.append(_Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
-    if not layout.tied:
-        rules.append(_Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    if span.post_process:
+        rules.append(_Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+        if not layout.tied:
+            rules.append(_Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
+        elif not span.pre_process:  # tied, split over stages: the last stage keeps a copy of the embedding
+            rules.append(_Rule("output_layer.weight", ("model.embed_tokens.weight",), "vocab", exported=False))
     return rules
 
 
@@ -249,25 +282,27 @@ def _norms_fused(param_names) -> bool:
 # ---- HF -> megatron -----------------------------------------------------------------------------------------
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor], layout: DecoderLayout,
-                   tp_rank: int = 0, tp_size: int = 1, norms_fused: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(megatron name, this rank's shard) for every parameter; `hf_state` is a dict or a name -> tensor loader."""
+                   tp_rank: int = 0, tp_size: int = 1, norms_fused: bool = False,
+                   span: ChunkSpan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron name, this rank's shard) for every parameter of the chunk `span` (None: the whole model);
+    `hf_state` is a dict or a name -> tensor loader."""
     get = hf_state.__getitem__ if isinstance(hf_state, Mapping) else hf_state
-    for rule in _rules(layout, norms_fused):
+    for rule in _rules(layout, norms_fused, span):
         yield rule.megatron, _shard(rule, [get(n) for n in rule.hf], layout, tp_rank, tp_size)
 
 
 @torch.no_grad()
 def load_hf_into_megatron(model: torch.nn.Module, hf_state, layout: DecoderLayout, tp_rank: int = 0,
-                          tp_size: int = 1) -> None:
-    """Copy an HF state (dict or loader) into the GPTModel's local shards; every parameter must be covered."""
+                          tp_size: int = 1, span: ChunkSpan | None = None) -> None:
+    """Copy an HF state (dict or loader) into the GPTModel chunk's local shards; every parameter must be covered."""
     params = dict(model.named_parameters())
     seen = set()
-    for name, shard in hf_to_megatron(hf_state, layout, tp_rank, tp_size, _norms_fused(params)):
+    for name, shard in hf_to_megatron(hf_state, layout, tp_rank, tp_size, _norms_fused(params), span):
         if name not in params:
             raise KeyError(f"GPTModel has no parameter {name!r} (has {sorted(params)[:6]}...)")
         if params[name].shape != shard.shape:
             raise ValueError(f"{name}: shard {tuple(shard.shape)} does not fit parameter {tuple(params[name].shape)}")
-        params[name].copy_(shard)
+        params[name].copy_(shard.to(params[name].dtype))
         seen.add(name)
     missing = set(params) - seen
     if missing:
@@ -311,26 +346,80 @@ def merge_megatron_shards(shards: list[Mapping[str, torch.Tensor]], layout: Deco
     return out
 
 
-@torch.no_grad()
-def gather_hf_weights(model: torch.nn.Module, tp_group=None, layout: DecoderLayout | None = None,
-                      grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every HF parameter (no lm_head when tied), gathered across `tp_group`.
+def _local_tensor(param: torch.nn.Parameter, grads: bool) -> torch.Tensor:
+    if not grads:
+        return param.detach()
+    grad = getattr(param, "main_grad", None)  # megatron's DDP accumulates into a flat fp32 buffer
+    grad = grad if grad is not None else param.grad
+    return grad if grad is not None else torch.zeros_like(param)
 
-    Collective: every rank of the TP group must iterate it to the end, in step. `layout` defaults to the one
-    the megatron learner attaches to the model (`model.hf_layout`). grads=True gathers `.grad` instead (zeros
-    where a parameter has none), under the same names: for checking gradients against a HF model.
-    """
-    layout = layout or model.hf_layout
-    tp = 1 if tp_group is None or not dist.is_initialized() else dist.get_world_size(tp_group)
-    params = dict(model.named_parameters())
-    for rule in _rules(layout, _norms_fused(params)):
-        param = params[rule.megatron]
-        local = param.detach() if not grads else (param.grad if param.grad is not None else torch.zeros_like(param))
-        if tp == 1 or rule.kind == "replicated":
-            shards = [local]
-        else:
-            local = local.contiguous()
-            shards = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(shards, local, group=tp_group)
-        for hf_name, tensor in zip(rule.hf, _unshard(rule, shards, layout), strict=True):
-            yield hf_name, tensor.contiguous()  # with tp=1 may share memory with the parameter, like the base
+
+def _gather_rule(rule: _Rule, params: dict, layout: DecoderLayout, tp_group, tp: int,
+                 grads: bool) -> list[torch.Tensor]:
+    local = _local_tensor(params[rule.megatron], grads)
+    if tp == 1 or rule.kind == "replicated":
+        shards = [local]
+    else:
+        local = local.contiguous()
+        shards = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(shards, local, group=tp_group)
+    return [t.contiguous() for t in _unshard(rule, shards, layout)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank sits: its TP group and rank, its pipeline stage and the global rank of every stage's
+    first TP rank in this DP replica (`stage_ranks[s]`), its DP rank, and its model chunks' spans."""
+
+    tp_group: object
+    tp: int
+    tp_rank: int
+    stage: int
+    stage_ranks: tuple[int, ...]
+    dp_rank: int
+    spans: tuple[ChunkSpan, ...]  # one per model chunk on this stage
+    all_spans: tuple[tuple[ChunkSpan, ...], ...]  # [stage][chunk]
+
+
+_HEADER = 8  # int64 slots: ndim, then the shape
+
+
+@torch.no_grad()
+def export_hf_weights(chunks: list[torch.nn.Module], layout: DecoderLayout, where: Placement,
+                      grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) of the whole model, in HF order, on the first rank of DP replica 0 (the one that
+    sends to the rollout fleet); every other rank yields nothing but must run the iterator to its end (collective).
+
+    Tensor by tensor: the owning stage's TP ranks all-gather it, its first TP rank sends it to stage 0's (a
+    shape header, then the data), so no rank ever holds more than the tensor in flight: no whole-model copy."""
+    if where.dp_rank != 0:
+        return
+    fused = _norms_fused(dict(chunks[0].named_parameters()))
+    sender = where.stage_ranks[0]  # stage 0's rank of this rank's pipeline group
+    i_send = where.stage == 0 and where.tp_rank == 0  # global rank 0: the only one that yields
+    dtype = torch.float32 if grads else next(chunks[0].parameters()).dtype  # main_grad is fp32
+    for stage, spans in enumerate(where.all_spans):
+        for c, span in enumerate(spans):
+            mine = stage == where.stage
+            params = dict(chunks[c].named_parameters()) if mine else {}
+            for rule in _rules(layout, fused, span):
+                if not rule.exported:
+                    continue
+                if mine:
+                    tensors = _gather_rule(rule, params, layout, where.tp_group, where.tp, grads)
+                    if stage != 0 and where.tp_rank == 0:
+                        for t in tensors:
+                            header = torch.zeros(_HEADER, dtype=torch.int64)
+                            header[0], header[1: 1 + t.dim()] = t.dim(), torch.tensor(t.shape)
+                            dist.send(header, dst=sender)
+                            dist.send(t.to(dtype), dst=sender)
+                    if i_send:
+                        yield from zip(rule.hf, tensors, strict=True)
+                elif i_send:
+                    for name in rule.hf:
+                        header = torch.zeros(_HEADER, dtype=torch.int64)
+                        dist.recv(header, src=where.stage_ranks[stage])
+                        shape = header[1: 1 + int(header[0])].tolist()
+                        t = torch.empty(shape, dtype=dtype)
+                        dist.recv(t, src=where.stage_ranks[stage])
+                        yield name, t

@@ -1,14 +1,24 @@
-"""The megatron learner backend: the student as a megatron-core GPTModel, tensor parallel, one process per TP rank.
+"""The megatron learner backend: the student as megatron-core GPTModel chunks, tensor x pipeline x data parallel.
 
-Every rank runs the same Trainer.train_step on the same batch (asyncopd.learner.group feeds them all), so the
-loss, the logits and the replicated weights agree on every rank; this backend gives the trainer the sharded
-model, a gradient-norm clip reduced across TP ranks, the weight export (gathered, under Hugging Face names) and
-per-rank checkpoints. On CPU (no CUDA) `patches` makes megatron-core run with gloo; with a GPU the model and the
-batch live on the local CUDA device and the default process group is NCCL.
+    every rank: the same LearnerBatch
+      -> its DP replica's rows -> micro-batches (learner.micro_batch_size)
+      -> get_forward_backward_func(): 1F1B over the pipeline stages (interleaved with learner.virtual_pp > 1)
+           last stage: logits stay vocabulary-sharded over TP (parallel_output=True); the trainer's LossFn runs
+           the estimator on the shard (estimators.vocab_parallel): no rank holds full-vocabulary logits
+      -> megatron DDP: gradients summed over micro-batches and replicas, scaled by 1 / (real tokens in the batch)
+      -> megatron optimizer (the distributed optimizer shards Adam and the fp32 main weights over DP; bf16
+         parameters keep fp32 main weights and fp32 gradients), global-norm clipping
+    weight export: tensor by tensor, TP-gathered, sent from its stage to global rank 0 (convert.export_hf_weights)
+    checkpoints: megatron's dist_checkpointing, resharded on load to any TP / PP / DP layout (checkpoint.py)
+
+On CPU (no CUDA) `patches` makes megatron-core run with gloo, and every megatron call runs inside
+`patches.cpu_cuda_calls.scope()`; with a GPU the model lives on the local device and the process group is NCCL.
 """
 
 import dataclasses
-import datetime
+import importlib.util
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,69 +26,49 @@ import torch
 import torch.distributed as dist
 
 from asyncopd.config.schema import LearnerConfig
-from asyncopd.core.errors import ConfigError
 from asyncopd.core.types import LearnerBatch
 from asyncopd.data.tokenizer import copy_tokenizer_files
-from asyncopd.learner.megatron import patches
+from asyncopd.estimators.vocab_parallel import VocabShard
+from asyncopd.learner.collate import merge_metrics, micro_batches
+from asyncopd.learner.megatron.checkpoint import load_checkpoint, read_state, save_checkpoint
 from asyncopd.learner.megatron.convert import (
+    HF_INDEX,
     HF_WEIGHTS,
+    ChunkSpan,
     DecoderLayout,
-    gather_hf_weights,
+    export_hf_weights,
     hf_tensor_loader,
     load_hf_into_megatron,
 )
+from asyncopd.learner.megatron.parallel import init_parallel, placement
+from asyncopd.learner.megatron.patches.cpu_cuda_calls import scope
 from asyncopd.learner.megatron.patches.fp8 import fp8_context, require_transformer_engine
-from asyncopd.learner.trainer import Weights, student_vocab
-from asyncopd.weights.process_group import find_free_port
+from asyncopd.learner.trainer import LossFn, Weights, student_vocab
 
-STATE_FILE = "learner_state.rank{rank}.pt"
-
-
-def init_parallel(tp: int, pp: int = 1, seed: int = 0) -> bool:
-    """Bring up torch.distributed (a 1-rank group when nothing started it) and megatron's TP groups.
-
-    Returns True when it started the default process group itself (tp=1, single process)."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    patches.apply()
-    if pp != 1:
-        raise ConfigError(f"learner.pp={pp}: the megatron learner implements one pipeline stage only; set "
-                          "learner.pp=1 (learner.tp shards the model across ranks)")
-    created = not dist.is_initialized()
-    if created:
-        if tp != 1:
-            raise RuntimeError(f"learner.tp={tp} needs {tp} processes in an initialised torch.distributed group "
-                               "(one per TP rank); only tp=1 can start its own group")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{find_free_port()}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=10))
-    world = dist.get_world_size()
-    if world != tp * pp:
-        raise ValueError(f"torch.distributed world size {world} != learner.tp * learner.pp = {tp * pp}; "
-                         "data parallelism is not supported by the megatron learner")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
-    if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tp:
-            parallel_state.destroy_model_parallel()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    return created
+RECOMPUTE = {"none": {}, "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                                  "recompute_num_layers": 1},
+             "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_gpt_model(layout: DecoderLayout, tp: int, use_te: bool = False) -> torch.nn.Module:
-    """A GPTModel matching the layout's family (RMSNorm, SwiGLU, RoPE; Qwen2's QKV bias, Qwen3's q/k norms, Llama
-    3's RoPE scaling; no other bias), fp32, full-vocab output."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+def variable_shapes(cfg: LearnerConfig) -> bool:
+    """Whether micro-batches may differ in shape. Not with the interleaved schedule at pp=2 over gloo: there a
+    stage's previous and next stage are one rank, and megatron's shape exchange (always batched, whatever
+    batch_p2p_comm says) pairs gloo's same-tag messages the wrong way round and hangs. Those micro-batches are
+    then all the batch's length and learner.micro_batch_size samples."""
+    return not (cfg.virtual_pp > 1 and cfg.pp == 2 and not torch.cuda.is_available())
+
+
+def transformer_config(layout: DecoderLayout, cfg: LearnerConfig):
+    """The TransformerConfig of the student's family at the configured layout, precision and recomputation."""
     from megatron.core.transformer import TransformerConfig
 
-    on_gpu = torch.cuda.is_available()
-    config = TransformerConfig(
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"learner.precision={cfg.precision!r} is unknown: choose one of {sorted(PRECISIONS)}")
+    if cfg.recompute not in RECOMPUTE:
+        raise ValueError(f"learner.recompute={cfg.recompute!r} is unknown: choose one of {sorted(RECOMPUTE)}")
+    dtype, on_gpu = PRECISIONS[cfg.precision], torch.cuda.is_available()
+    return TransformerConfig(
         num_layers=layout.num_layers, hidden_size=layout.hidden, num_attention_heads=layout.heads,
         num_query_groups=layout.groups, kv_channels=layout.head_dim, ffn_hidden_size=layout.ffn,
         normalization="RMSNorm", layernorm_epsilon=layout.eps, gated_linear_unit=True,
@@ -87,19 +77,40 @@ def build_gpt_model(layout: DecoderLayout, tp: int, use_te: bool = False) -> tor
         init_method_std=layout.init_std,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        attention_softmax_in_fp32=True, params_dtype=torch.float32,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, sequence_parallel=False,
+        attention_softmax_in_fp32=True, params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+        tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp, sequence_parallel=False,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pp if cfg.virtual_pp > 1 else None,
         use_cpu_initialization=not on_gpu,
+        # every micro-batch is trimmed to its own longest sample: the stages exchange shapes first
+        variable_seq_lengths=variable_shapes(cfg), moe_token_dispatcher_type="alltoall",  # 0.16.1: not allgather
+        # batched p2p gives silently wrong activations on gloo with the interleaved schedule at pp=2
+        batch_p2p_comm=on_gpu,
+        calculate_per_token_loss=True,  # the loss is a token mean over the whole batch (Trainer.loss)
+        **RECOMPUTE[cfg.recompute],
     )
+
+
+def build_chunk(layout: DecoderLayout, config, span: ChunkSpan, vp_stage: int | None, use_te: bool = False):
+    """One model chunk: a GPTModel holding the span's layers (and the embedding / head where the span has them),
+    its output layer vocabulary-sharded over TP."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
     spec = (get_gpt_layer_with_transformer_engine_spec(qk_layernorm=layout.qk_norm) if use_te
             else get_gpt_layer_local_spec(qk_layernorm=layout.qk_norm, normalization="RMSNorm"))
     model = GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=layout.padded_vocab,
-        max_sequence_length=layout.max_positions, pre_process=True, post_process=True,
-        parallel_output=False,  # the output layer gathers the vocab shards: [b, s, padded_vocab] on every rank
-        share_embeddings_and_output_weights=layout.tied, position_embedding_type="rope",
-        rotary_percent=1.0, rotary_base=layout.rope_theta,
+        max_sequence_length=layout.max_positions, pre_process=span.pre_process, post_process=span.post_process,
+        parallel_output=True, share_embeddings_and_output_weights=layout.tied, position_embedding_type="rope",
+        rotary_percent=1.0, rotary_base=layout.rope_theta, vp_stage=vp_stage,
     )
+    first = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else span.first
+    if first != span.first or len(model.decoder.layers) != span.last - span.first:
+        raise AssertionError(f"megatron built layers from {first} ({len(model.decoder.layers)}), the conversion "
+                             f"expects [{span.first}, {span.last})")
     if layout.llama3_rope is not None:
         # GPTModel's rope_scaling passes only the factor (the rest fixed at Llama 3.1's 1, 4, 8192): apply
         # megatron's llama3 scaling with every parameter of the checkpoint instead
@@ -107,8 +118,7 @@ def build_gpt_model(layout: DecoderLayout, tp: int, use_te: bool = False) -> tor
         rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, factor=r.factor, low_freq_factor=r.low_freq_factor,
                                                 high_freq_factor=r.high_freq_factor,
                                                 original_max_position_embeddings=r.original_max_positions)
-    model.hf_layout = layout
-    return model.cuda() if on_gpu else model
+    return model.cuda() if torch.cuda.is_available() else model
 
 
 def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -119,65 +129,69 @@ def attention_mask_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (~allowed).unsqueeze(1)
 
 
-@torch.no_grad()
-def sum_head_norm_grads(module: torch.nn.Module, tp_group) -> None:
-    """Sum the q/k norm gradients over the TP ranks, as megatron's finalize_model_grads does.
-
-    The norm is one replicated weight, but each rank applies it to its own heads only, so each rank's gradient
-    holds its heads' share."""
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        return
-    for name, p in module.named_parameters():
-        if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
-            dist.all_reduce(p.grad, group=tp_group)
-
-
-@torch.no_grad()
-def clip_grad_norm_tp(params, max_norm: float, tp_group) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (L2) over the full model, when `params` are this rank's TP shards."""
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    grads = [p.grad for p in params if p.grad is not None]
-    # a TP-sharded parameter's shards are disjoint (count every rank's); a replicated one is counted on rank 0 only
-    counted = [p.grad for p in params
-               if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or rank == 0)]
-    device = grads[0].device if grads else torch.device("cpu")
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in counted:
-        sq += g.detach().double().pow(2).sum()
-    if tp > 1:
-        dist.all_reduce(sq, group=tp_group)
-    total = sq.sqrt().float()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total
-
-
 class MegatronBackend:
-    """This TP rank's shard of a GPTModel converted from a Hugging Face Qwen2, Qwen3 or Llama checkpoint."""
+    """This rank's chunks of a GPTModel converted from a Hugging Face Qwen2, Qwen3 or Llama checkpoint, under
+    megatron's DDP and optimizer."""
 
-    def __init__(self, cfg: LearnerConfig, model_path: str):
+    def __init__(self, cfg: LearnerConfig, model_path: str, init_weights: bool = True):
         import transformers
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state as ps
 
         require_transformer_engine(cfg)  # fail before any process group or model is built
+        if importlib.util.find_spec("psutil") is None:  # dist_checkpointing's writer: without it every rank hangs
+            raise RuntimeError("the megatron learner needs psutil for its checkpoints: pip install psutil")
         if not (Path(model_path) / "config.json").exists():
             raise FileNotFoundError(f"{model_path}: no config.json; not a Hugging Face checkpoint "
                                     "(run `asyncopd prepare` first)")
         self.cfg = cfg
-        self._owns_process_group = init_parallel(cfg.tp, cfg.pp, cfg.seed)
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.model_path = model_path
+        self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
+        self._owns_process_group = init_parallel(cfg)
+        self.layout = DecoderLayout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
+        self.where = placement(self.layout.num_layers, cfg)
+        self.vocab_size = student_vocab(model_path, self.hf_config)  # <= layout.vocab <= layout.padded_vocab
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        self.hf_config = transformers.AutoConfig.from_pretrained(model_path)
-        self.layout = DecoderLayout.from_hf_config(self.hf_config, cfg.tp, cfg.vocab_divisible_by)
-        self.model_path = model_path
-        self.vocab_size = student_vocab(model_path, self.hf_config)  # <= layout.vocab <= layout.padded_vocab
-        self.module = build_gpt_model(self.layout, cfg.tp, use_te=cfg.fp8)
-        load_hf_into_megatron(self.module, hf_tensor_loader(model_path), self.layout, self.tp_rank, cfg.tp)
-        self.module.train()
+        self.last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.shard = VocabShard.partition(self.layout.padded_vocab // cfg.tp, self.where.tp_group) \
+            if cfg.tp > 1 else None
+        with scope():
+            self.config = transformer_config(self.layout, cfg)
+            vp = cfg.virtual_pp > 1
+            self.chunks = [build_chunk(self.layout, self.config, span, c if vp else None, use_te=cfg.fp8)
+                           for c, span in enumerate(self.where.spans)]
+            if init_weights:  # False: the weights come from a megatron checkpoint next (export_hf)
+                loader = hf_tensor_loader(model_path)
+                for chunk, span in zip(self.chunks, self.where.spans, strict=True):
+                    load_hf_into_megatron(chunk, loader, self.layout, self.where.tp_rank, cfg.tp, span)
+            self.model = [self._wrap(chunk) for chunk in self.chunks]
+            self.optimizer = self._optimizer()
+        for m in self.model:
+            m.train()
+
+    def _wrap(self, chunk: torch.nn.Module) -> torch.nn.Module:
+        """Float16Module (bf16) inside megatron's DDP, whose grad buffer accumulates in fp32."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        if self.config.bf16:
+            chunk = Float16Module(self.config, chunk)
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=self.cfg.distributed_optimizer)
+        return DistributedDataParallel(self.config, ddp, chunk)
+
+    def _optimizer(self):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        c = self.cfg
+        opt = OptimizerConfig(optimizer="adam", lr=c.lr, weight_decay=c.weight_decay, adam_beta1=c.adam_beta1,
+                              adam_beta2=c.adam_beta2, adam_eps=1e-8, clip_grad=c.grad_clip, bf16=self.config.bf16,
+                              params_dtype=self.config.params_dtype,
+                              use_distributed_optimizer=c.distributed_optimizer)
+        self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        return get_megatron_optimizer(opt, self.model)
 
     def to_device(self, batch: LearnerBatch) -> LearnerBatch:
         """Every tensor of the batch on this rank's device (the local GPU; a no-op on CPU)."""
@@ -190,34 +204,124 @@ class MegatronBackend:
                                    attention_mask=batch.attention_mask.to(self.device),
                                    response_index=batch.response_index.to(self.device), est=est)
 
-    def forward_logits(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L, V] logits over the tokenizer's V ids, gathered across TP.
+    def _my_micro_batches(self, batch: LearnerBatch) -> list[LearnerBatch]:
+        """This DP replica's contiguous share of the batch, in micro-batches."""
+        B, dp, r = batch.input_ids.shape[0], self.cfg.dp, self.where.dp_rank
+        if B < dp:
+            raise ValueError(f"a batch of {B} samples cannot feed learner.dp={dp} replicas: raise pipeline.batch_size")
+        start, stop = r * B // dp, (r + 1) * B // dp
+        uniform = not variable_shapes(self.cfg)
+        if uniform and (self.cfg.micro_batch_size < 1 or (stop - start) % self.cfg.micro_batch_size):
+            raise ValueError(f"the interleaved schedule at learner.pp=2 on CPU needs micro-batches of equal size: "
+                             f"set learner.micro_batch_size to a divisor of the {stop - start} samples per replica")
+        mbs = micro_batches(batch, self.cfg.micro_batch_size, start, stop, trim=not uniform)
+        if self.cfg.virtual_pp > 1 and len(mbs) % self.cfg.pp:
+            raise ValueError(f"the interleaved schedule needs a multiple of learner.pp={self.cfg.pp} micro-batches per "
+                             f"replica, got {len(mbs)} ({stop - start} samples, learner.micro_batch_size="
+                             f"{self.cfg.micro_batch_size})")
+        return mbs
 
-        One slice drops both paddings: megatron's (rows up to layout.padded_vocab, zero, for an even TP split) and
-        the checkpoint's own (HF rows past the tokenizer's ids), so no padded id gets probability mass and their
-        rows get no gradient from the loss. The output layer gathers its vocabulary shards (parallel_output=False)
-        and the estimators run dense: their vocabulary-parallel path (EstimatorBatch.vocab_shard) is not wired
-        here, and wiring it must mask the same ids on the shards that hold them."""
-        input_ids = batch.input_ids
-        # right padding: real tokens sit at 0..n-1, so plain positions match HF's
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
-        with fp8_context(self.cfg):
-            logits = self.module(input_ids=input_ids, position_ids=position_ids,
-                                 attention_mask=attention_mask_for(batch.attention_mask))
-        return logits[..., : self.vocab_size].float()
+    def _forward_step(self, on_output: Callable[[torch.Tensor, LearnerBatch], Any]):
+        """megatron's forward_step_func: a chunk's forward on the next micro-batch; `on_output(logits, mb)` is the
+        loss function the schedule calls on the last stage."""
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb.input_ids
+            # right padding: real tokens sit at 0..n-1, so plain positions match HF's
+            position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+            with fp8_context(self.cfg):
+                out = model(input_ids=ids, position_ids=position_ids,
+                            attention_mask=attention_mask_for(mb.attention_mask))
+            return out, lambda output: on_output(output, mb)
+        return forward_step
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """The global norm over the full model (TP shards reduced across ranks), identical on every rank.
+    def _logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The last stage's [b, s, padded_vocab / tp] output as float32 logits of this rank's vocabulary shard.
+        Padded ids (megatron's, up to layout.padded_vocab, and the checkpoint's own rows past the tokenizer's ids)
+        get no probability mass nor gradient: sliced off without TP, -inf on a shard (which may hold only them)."""
+        if self.shard is None:
+            return output[..., : self.vocab_size].float()
+        real = self.vocab_size - self.shard.start
+        logits = output.float()
+        if real < self.shard.size:
+            padded = torch.arange(self.shard.size, device=logits.device) >= real
+            logits = logits.masked_fill(padded, float("-inf"))
+        return logits
 
-        Completes the q/k norms' partial gradients first: the trainer calls this after every backward."""
-        sum_head_norm_grads(self.module, self.tp_group)
-        return float(clip_grad_norm_tp(list(self.module.parameters()), max_norm, self.tp_group))
+    def _schedule(self, mbs: list[LearnerBatch], on_output, forward_only: bool) -> list:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iters = [iter(mbs) for _ in self.model] if len(self.model) > 1 else iter(mbs)
+        with scope():
+            return get_forward_backward_func()(
+                forward_step_func=self._forward_step(on_output), data_iterator=iters,
+                model=self.model if len(self.model) > 1 else self.model[0], num_microbatches=len(mbs),
+                seq_length=max(mb.input_ids.shape[1] for mb in mbs), micro_batch_size=max(
+                    mb.input_ids.shape[0] for mb in mbs), forward_only=forward_only)
+
+    def train_step(self, batch: LearnerBatch, loss_fn: LossFn, lr: float) -> dict[str, float]:
+        """zero the grad buffers, the pipeline schedule over this replica's micro-batches, one optimizer step.
+
+        Each micro-batch's loss is its token-mean times its real tokens (a sum); megatron sums the gradients over
+        micro-batches and replicas and scales them by one over the batch's real tokens (calculate_per_token_loss):
+        the gradient of the token mean over the whole batch, as the hf learner's."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def on_output(output, mb):
+            loss, metrics = loss_fn(self._logits(output), mb, self.shard)
+            n = mb.est.mask.sum().to(torch.int)
+            return loss * n, n, {"metrics": metrics, "n": int(n)}
+
+        parts = self._schedule(self._my_micro_batches(batch), on_output, forward_only=False)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with scope():
+            _, grad_norm, _ = self.optimizer.step()
+        metrics = self._batch_metrics([(p["metrics"], p["n"]) for p in parts])
+        return {**metrics, "grad_norm": float(grad_norm)}
+
+    def _batch_metrics(self, parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+        """The batch's token-weighted metrics on every rank: merged over the last stage's micro-batches, summed
+        over the DP replicas, sent from the last stage to the others of its pipeline."""
+        from megatron.core import parallel_state as ps
+
+        merged = [merge_metrics(parts), sum(n for _, n in parts)] if self.last_stage else [None, 0]
+        if self.cfg.pp > 1:
+            dist.broadcast_object_list(merged, src=self.where.stage_ranks[-1],
+                                       group=ps.get_pipeline_model_parallel_group())
+        metrics, n = merged
+        if self.cfg.dp > 1:
+            keys = sorted(metrics)
+            sums = torch.tensor([metrics[k] * n for k in keys] + [n], dtype=torch.float64)
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            metrics = {k: float(v) / float(sums[-1]) for k, v in zip(keys, sums[:-1], strict=True)}
+        return metrics
+
+    @torch.no_grad()
+    def forward_only(self, batch: LearnerBatch, fn) -> list:
+        results = []
+
+        def on_output(output, mb):
+            results.append(fn(self._logits(output), mb, self.shard))
+            return output.sum() * 0, {}
+
+        for m in self.model:
+            m.eval()
+        try:
+            self._schedule(self._my_micro_batches(batch), on_output, forward_only=True)
+        finally:
+            for m in self.model:
+                m.train()
+        return results
 
     def named_weights_for_rollout(self, bucket_bytes: int) -> Weights:
-        """Full weights under HF names, gathered across TP. Collective: every TP rank must consume it."""
+        """Full weights under HF names on global rank 0, streamed from every stage and gathered across TP, in
+        buckets. Collective: every rank must consume it."""
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        for name, tensor in gather_hf_weights(self.module, self.tp_group, self.layout):
+        for name, tensor in export_hf_weights(self.chunks, self.layout, self.where):
             if bucket and size + tensor.nbytes > bucket_bytes:
                 yield bucket
                 bucket, size = [], 0
@@ -227,30 +331,16 @@ class MegatronBackend:
             yield bucket
 
     def save(self, path: str, state: dict[str, Any]) -> None:
-        """HF checkpoint (rank 0: config.json + model.safetensors) + this rank's optimizer state. Collective."""
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        weights = {name: t.detach().cpu().clone()
-                   for name, t in gather_hf_weights(self.module, self.tp_group, self.layout)}
-        if dist.get_rank() == 0:
-            self.hf_config.save_pretrained(out)
-            save_file(weights, str(out / HF_WEIGHTS), metadata={"format": "pt"})
-            copy_tokenizer_files(self.model_path, out)
-        torch.save({**state, "tp": self.cfg.tp}, out / STATE_FILE.format(rank=self.tp_rank))
-        dist.barrier()
+        with scope():
+            save_checkpoint(self, path, state)
 
     def load(self, path: str) -> dict[str, Any]:
-        """The weights from the HF checkpoint; the state from this rank's shard, saved at the same tp."""
-        state_file = Path(path) / STATE_FILE.format(rank=self.tp_rank)
-        if not state_file.exists():
-            raise FileNotFoundError(f"{path} is not a megatron learner checkpoint: {state_file.name} is missing")
-        state = torch.load(state_file, weights_only=False, map_location=self.device)
-        if state.get("tp") != self.cfg.tp:
-            raise ValueError(f"{path} was saved with learner.tp={state.get('tp')}, this learner has tp={self.cfg.tp}")
-        load_hf_into_megatron(self.module, hf_tensor_loader(path), self.layout, self.tp_rank, self.cfg.tp)
-        return state
+        with scope():
+            return load_checkpoint(self, path)
+
+    def load_weights_only(self, path: str) -> None:
+        with scope():
+            load_checkpoint(self, path, optimizer=False)
 
     def close(self) -> None:
         """Tear down megatron's parallel state, and the process group if this backend started it."""
@@ -261,3 +351,34 @@ class MegatronBackend:
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False
+
+
+def export_hf(checkpoint: str, out_dir: str, bucket_bytes: int = 2 << 30) -> Path:
+    """Write the checkpoint's weights as a Hugging Face checkpoint (config, tokenizer, safetensors shards with an
+    index when there is more than one), in one process at TP = PP = DP = 1, streamed shard by shard."""
+    from safetensors.torch import save_file
+
+    state = read_state(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = MegatronBackend(LearnerConfig(backend="megatron", precision=state.get("precision", "fp32"),
+                                            distributed_optimizer=False), checkpoint, init_weights=False)
+    try:
+        backend.load_weights_only(checkpoint)
+        files, weight_map = [], {}
+        for i, bucket in enumerate(backend.named_weights_for_rollout(bucket_bytes)):
+            name = f"model-{i + 1:05d}.safetensors"
+            save_file({n: t.contiguous() for n, t in bucket}, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({n: name for n, _ in bucket})
+    finally:
+        backend.close()
+    if len(files) == 1:
+        (out / files[0]).rename(out / HF_WEIGHTS)
+    else:
+        total = sum((out / f).stat().st_size for f in files)
+        (out / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                               indent=2))
+    backend.hf_config.save_pretrained(out)
+    copy_tokenizer_files(checkpoint, out)
+    return out

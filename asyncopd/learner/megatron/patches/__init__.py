@@ -1,8 +1,10 @@
-"""Small, named patches that let megatron-core 0.16.1 run GPTModel forward/backward on the CPU with gloo.
+"""Small, named patches to megatron-core 0.16.1: the ones that let it train on the CPU with gloo, and a fix.
 
-`apply()` applies each patch only when no CUDA GPU is present, checks the megatron-core version first (the
-patches touch private internals: see each module's docstring for why it exists) and is idempotent.
-With a GPU it does nothing: megatron-core's own CUDA code paths are used unchanged.
+`apply()` applies each patch whose condition holds, checks the megatron-core version first (the patches touch
+private internals: see each module's docstring for why it exists) and is idempotent. The CPU patches
+(cpu_current_device, cpu_rng_tracker, adam_step_load; cpu_cuda_calls is a scope the learner enters around megatron
+calls) apply only without CUDA: with a GPU megatron's own CUDA code paths run unchanged. reshardable_offsets fixes
+megatron's fully_reshardable optimizer checkpoints and applies everywhere.
 
     from asyncopd.learner.megatron import patches
     patches.apply()   # before building megatron models
@@ -12,10 +14,15 @@ With a GPU it does nothing: megatron-core's own CUDA code paths are used unchang
 
 import torch
 
-from asyncopd.learner.megatron.patches import cpu_current_device, cpu_rng_tracker
+from asyncopd.learner.megatron.patches import (
+    adam_step_load,
+    cpu_current_device,
+    cpu_rng_tracker,
+    reshardable_offsets,
+)
 from asyncopd.learner.megatron.patches._version import PINNED_VERSION, MegatronVersionError, check_megatron_version
 
-PATCHES = (cpu_current_device, cpu_rng_tracker)
+PATCHES = (cpu_current_device, cpu_rng_tracker, adam_step_load, reshardable_offsets)
 
 __all__ = ["PATCHES", "PINNED_VERSION", "MegatronVersionError", "apply", "applied", "check_megatron_version"]
 

@@ -1,0 +1,74 @@
+"""The cluster path, rehearsed for real: a local Slurm cluster of two virtual nodes (slurm/local_cluster.sh: Debian's
+slurmctld, slurmd and munge), the flagship sbatch script unchanged, multi-node Ray started by srun inside the job,
+roles in placement groups on both Ray nodes, and a student that learns."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from asyncopd.model.prepare import run_prepare
+from asyncopd.validation import load_config
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "local_cluster.sh"
+# the rehearsal's sbatch options: CPU nodes (no GRES), one CPU per task; the script itself is the flagship's
+REHEARSAL = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A 2-node cluster on free ports, in a short temp dir of its own; torn down by the PIDs it recorded."""
+    if os.geteuid() != 0 and not shutil.which("slurmctld"):
+        pytest.skip("Slurm is not installed and installing it needs root")
+    base = _free_port()
+    env = {**os.environ, "ASYNCOPD_SLURMCTLD_PORT": str(base), "ASYNCOPD_SLURMD_PORT": str(_free_port())}
+    directory = tempfile.mkdtemp(prefix="aslurm-")
+    up = subprocess.run([str(SCRIPT), "up", "--nodes", "2", "--dir", directory], env=env, capture_output=True,
+                        text=True, timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    env["SLURM_CONF"] = f"{directory}/slurm.conf"
+    yield env
+    subprocess.run([str(SCRIPT), "down", "--dir", directory], env=env, timeout=120)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _sbatch(env: dict, out: Path, *args: str) -> tuple[int, str]:
+    done = subprocess.run(["sbatch", "--wait", *REHEARSAL, f"--output={out}", str(REPO / "slurm" / "asyncopd_70b.sh"),
+                           *args], env=env, capture_output=True, text=True, timeout=1200)
+    return done.returncode, out.read_text() if out.exists() else done.stderr
+
+
+def test_the_flagship_script_runs_on_two_slurm_nodes_and_learns(slurm, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    run_prepare(load_config([f"model.artifacts_dir={artifacts}"]), progress=False)  # the shipped tiny models
+    env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(tmp_path / "run")}
+    rc, log = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
+                      "run.progress=false")
+    assert rc == 0, log[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    nodes = summary["ray_nodes"]
+    assert {n for role in nodes.values() for n in role} == {"n1", "n2"}  # roles on both Slurm nodes' raylets
+    assert set(nodes["rollout"]) == {"n1", "n2"}  # SPREAD: one engine per node
+    assert summary["steps"] == 80 and summary["weight_sync"]["updates"] == 80
+    assert summary["final_accuracy"] > summary["initial_accuracy"]  # the student learned
+
+
+def test_a_config_that_cannot_run_stops_before_ray(slurm, tmp_path):
+    env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(tmp_path / "run")}
+    rc, log = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", "learner.tp=2")  # the hf learner: tp=1
+    assert rc != 0
+    assert "validate refused the config" in log and "learner.tp=2" in log
+    assert "Ray runtime started" not in log and not (tmp_path / "run" / "summary.json").exists()
