@@ -88,7 +88,7 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
-KillWait=5
+KillWait=30
 MinJobAge=60
 EOF
   for i in $(seq 1 "$nodes"); do

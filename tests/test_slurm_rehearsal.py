@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -45,15 +46,37 @@ def slurm():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _sbatch(env: dict, out: Path, *args: str) -> tuple[int, str]:
-    done = subprocess.run(["sbatch", "--wait", *REHEARSAL, f"--output={out}", str(REPO / "slurm" / "asyncopd_70b.sh"),
-                           *args], env=env, capture_output=True, text=True, timeout=1200)
+def _sbatch(env: dict, out: Path, *args: str, wait: bool = True) -> tuple[int, str]:
+    """(exit code, job log) of the flagship script as the rehearsal submits it (wait=False: (job id, ""))."""
+    done = subprocess.run(["sbatch", *(["--wait"] if wait else ["--parsable", "--requeue"]), *REHEARSAL,
+                           f"--output={out}", str(REPO / "slurm" / "asyncopd_70b.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if not wait:
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().split(";")[0]), ""
     return done.returncode, out.read_text() if out.exists() else done.stderr
 
 
-def test_the_flagship_script_runs_on_two_slurm_nodes_and_learns(slurm, tmp_path):
-    artifacts = tmp_path / "artifacts"
-    run_prepare(load_config([f"model.artifacts_dir={artifacts}"]), progress=False)  # the shipped tiny models
+def _until(what: str, ready, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} did not happen in {seconds:g} s"
+        time.sleep(1)
+
+
+def _job_gone(env: dict, job: int) -> bool:
+    return str(job) not in subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                                          text=True).stdout.split()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("artifacts")
+    run_prepare(load_config([f"model.artifacts_dir={root}"]), progress=False)  # the shipped tiny models
+    return root
+
+
+def test_the_flagship_script_runs_on_two_slurm_nodes_and_learns(slurm, artifacts, tmp_path):
     env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(tmp_path / "run")}
     rc, log = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
                       "run.progress=false")
@@ -72,3 +95,39 @@ def test_a_config_that_cannot_run_stops_before_ray(slurm, tmp_path):
     assert rc != 0
     assert "validate refused the config" in log and "learner.tp=2" in log
     assert "Ray runtime started" not in log and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_scancel_batch_checkpoints_the_step_and_exits_cleanly(slurm, artifacts, tmp_path):
+    """SIGTERM to the batch script (what Slurm sends before the time limit with --signal=B:TERM@N) reaches the
+    driver, which finishes its step, checkpoints it and exits 0."""
+    run = tmp_path / "run"
+    env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(run)}
+    job, _ = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
+                     "run.progress=false", "pipeline.steps=1000", "run.save_every=5", "pipeline.eval_every=0",
+                     wait=False)
+    _until("step 5's checkpoint", lambda: (run / "checkpoints" / "step-00000005").is_dir())
+    subprocess.run(["scancel", "--batch", "--signal=TERM", str(job)], env=env, check=True)
+    _until("the job's end", lambda: _job_gone(env, job), seconds=300)
+    log = (tmp_path / "job.out").read_text()
+    assert "asyncopd: stopped by SIGTERM after step" in log
+    step = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert step >= 5 and (run / "checkpoint").resolve().name == f"step-{step:08d}"
+    assert (run / "checkpoint" / "learner_state.pt").exists()
+
+
+def test_a_requeued_job_resumes_from_its_checkpoint(slurm, artifacts, tmp_path):
+    """Requeued (a preemption), the job restarts the script, which finds the run's checkpoint and resumes there."""
+    run = tmp_path / "run"
+    env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(run)}
+    job, _ = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
+                     "run.progress=false", "pipeline.steps=30", "run.save_every=10", "pipeline.eval_every=0",
+                     wait=False)
+    _until("step 10's checkpoint", lambda: (run / "checkpoints" / "step-00000010").is_dir())
+    subprocess.run(["scontrol", "requeue", str(job)], env=env, check=True)
+    # a requeued job waits ~2 minutes before it is eligible again: let it start now
+    _until("the requeue", lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env,
+                                                 capture_output=True).returncode == 0, seconds=60)
+    _until("the requeued job's end", lambda: _job_gone(env, job) and (run / "summary.json").exists(), seconds=900)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30
+    assert summary["weight_sync"]["updates"] < 30  # a resumed run syncs only the steps it trained itself

@@ -33,6 +33,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from asyncopd.core.errors import Preempted
     from asyncopd.pipeline.run import run_training
     from asyncopd.validation import load_config
 
@@ -41,7 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from asyncopd.model.prepare import run_prepare
 
         run_prepare(cfg)
-    run_training(cfg)
+    try:
+        run_training(cfg)
+    except Preempted as e:  # scancel / preemption: the step in flight finished and was checkpointed
+        print(f"asyncopd: {e}", file=sys.stderr)
     return 0
 
 

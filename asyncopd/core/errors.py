@@ -29,3 +29,14 @@ class TeacherDegenerate(RuntimeError):
 class AbortedRollout(RuntimeError):
     """A response that ended in finish_reason=abort (cut by a weight update) reached the teacher or the learner
     unresumed: training on it would teach the student to stop mid-answer."""
+
+
+class Preempted(Exception):
+    """The run got SIGTERM (Slurm's scancel, a preemption, `scontrol requeue`): it finished the step in flight,
+    saved a checkpoint there and stopped. Not a failure: the CLI says where to resume and exits 0, and a requeued
+    job script resumes from the run's checkpoint by itself."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {checkpoint} (resume with "
+                         f"run.resume_from={checkpoint})")
+        self.step, self.checkpoint = step, checkpoint

@@ -3,6 +3,8 @@ and tear it all down. The loop itself (prompt -> gradient) is pipeline/loop.py."
 
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +18,7 @@ import ray
 from asyncopd.config.load import to_yaml
 from asyncopd.config.ray_cluster import ray_node_labels, start_ray
 from asyncopd.config.schema import Config
-from asyncopd.core.errors import ConfigError
+from asyncopd.core.errors import ConfigError, Preempted
 from asyncopd.core.protocols import LearnerHandle
 from asyncopd.data.dataset import PromptSet, Sample, load_prompts
 from asyncopd.data.tokenizer import load_tokenizer
@@ -121,6 +123,7 @@ def run_training(cfg: Config) -> dict:
     learner_launch = launcher.submit(LearnerGroup.launch, cfg, paths.student)
     launcher.shutdown(wait=False)
     fleet = learner = sync = None
+    terminated, restore = _on_sigterm()
     try:
         fleet = Fleet.launch(cfg, paths)
         fleet.check_vocabularies()
@@ -157,6 +160,10 @@ def run_training(cfg: Config) -> dict:
             i = s - start
             logger.scalars(s, {"time/rollout_s": times.rollout[i], "time/teacher_s": times.teacher[i],
                                "time/learner_s": times.learner[i]})
+            if terminated.is_set():  # checkpoint the step just taken, then stop (run_stages closes the stages)
+                if saved[-1] != step:
+                    save(step)
+                raise Preempted(step, str(run_dir / "checkpoint"))
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
                 eval_time += evaluate(step)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -173,6 +180,7 @@ def run_training(cfg: Config) -> dict:
         print(logger.summary(summary))
         return summary
     finally:
+        restore()
         logger.close()
         if sync is not None:
             sync.close()
@@ -184,6 +192,17 @@ def run_training(cfg: Config) -> dict:
             learner.shutdown()
         if owns_ray:
             ray.shutdown()
+
+
+def _on_sigterm() -> tuple[threading.Event, Callable[[], None]]:
+    """(set once SIGTERM arrives, restore the previous handler). Slurm's scancel and preemption send SIGTERM, then
+    SIGKILL after KillWait: the run finishes its step, checkpoints and stops. Only the main thread can take
+    signals; elsewhere (a run inside a test's thread) the event never fires."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return event, lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    return event, lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _ray_nodes(fleet: Fleet, learner: LearnerGroup) -> dict[str, list[str]]:
