@@ -8,7 +8,7 @@
 # The same script runs unchanged in the rehearsal: the allocation (nodes, GPUs per node) is read from Slurm and
 # checked by `asyncopd validate` before Ray starts; a config that cannot fit exits 2 with the reason.
 # Environment: ASYNCOPD_REPO (default: the submit dir), ASYNCOPD_VENV (REPO/.venv), ASYNCOPD_RUN_DIR
-# (REPO/runs/<experiment>-<job id>), RAY_PORT (per job by default).
+# (REPO/runs/<experiment>-<job id>), RAY_PORT (default: a port free on the head node).
 #SBATCH --job-name=asyncopd-70b
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
@@ -55,10 +55,12 @@ fi
 api_key=$(python -c 'import secrets; print(secrets.token_hex(16))')  # the servers answer only this run
 
 # 3. Ray: a port and a temp dir of this job's own, the head first, then a worker per node; readiness polled.
-RAY_PORT=${RAY_PORT:-$((20000 + SLURM_JOB_ID % 5000))}
 head_ip=$(srun --overlap --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{print $1}')
+# a port free on the head now (job ids repeat across clusters and restarts: no port derived from them)
+RAY_PORT=${RAY_PORT:-$(srun --overlap --nodes=1 --ntasks=1 -w "$head" \
+  python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 export RAY_ADDRESS="$head_ip:$RAY_PORT"
-temp_dir=/tmp/ray-$SLURM_JOB_ID   # short: Ray's socket paths must stay under 108 bytes
+temp_dir=/tmp/ray-$SLURM_JOB_ID-$$   # short (Ray's socket paths stay under 108 bytes), unique on this machine
 srun --overlap --nodes=1 --ntasks=1 -w "$head" \
   ray start --head --node-ip-address="$head_ip" --port="$RAY_PORT" --num-gpus="$gpus" --num-cpus="$cpus" \
   --resources="{\"asyncopd_node_$head\": 1}" --temp-dir="$temp_dir" --include-dashboard=false --block &
