@@ -85,7 +85,8 @@ sys.exit(sum(n['Alive'] for n in ray.nodes()) < ${#nodes[@]})"
 # 4. Train. Servers listen on their node's address (clients get node-IP URLs) behind the API key; the weight
 # group meets on the node of the learner's rank 0 (weights.master_addr=""). A requeued job resumes itself.
 # SIGTERM to this script (`scancel --batch --signal=TERM <job>`, or Slurm before the time limit with
-# `sbatch --signal=B:TERM@120`) goes to the driver, which finishes its step, checkpoints and exits 0. A plain
+# `sbatch --signal=B:TERM@<s>`, s covering a step plus a checkpoint: minutes for a 70B with its optimizer state)
+# goes to the driver, which finishes its step, checkpoints and exits 0. A plain
 # scancel or a preemption signals every process of the job, Ray's workers too: the run then stops where it is, and
 # a requeued job resumes from the last periodic checkpoint (run.save_every).
 resume=()
@@ -93,9 +94,10 @@ if [ -e "$RUN_DIR/checkpoint" ]; then
   resume=(run.resume_from="$RUN_DIR/checkpoint")
 fi
 asyncopd train "${run[@]}" cluster.ray_address="$RAY_ADDRESS" weights.master_addr= \
-  rollout.host=0.0.0.0 teacher.host=0.0.0.0 rollout.api_key="$api_key" teacher.api_key="$api_key" "${resume[@]}" &
+  rollout.host=0.0.0.0 teacher.host=0.0.0.0 rollout.api_key="$api_key" teacher.api_key="$api_key" \
+  ${resume[@]+"${resume[@]}"} &
 driver=$!
-trap 'kill -TERM "$driver" 2>/dev/null' TERM
+trap 'kill -TERM "$driver" 2>/dev/null || true' TERM
 status=0
 wait "$driver" || status=$?
 if [ "$status" -gt 128 ] && kill -0 "$driver" 2>/dev/null; then  # the trap fired: wait for the checkpoint

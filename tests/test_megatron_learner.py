@@ -106,7 +106,8 @@ def check_step(ckpt: str, knobs: dict, batch_shapes=EIGHT) -> None:
         grads = _grads(learner)
         weights = _flat(learner.named_weights_for_rollout(bucket_bytes=1 << 20))
         if rank0:
-            reference = make_trainer(learner_config(lr=LR, grad_clip=CLIP), ESTIMATOR, ckpt, max_staleness=2)
+            reference = make_trainer(learner_config(lr=LR, grad_clip=CLIP, weight_decay=knobs.get("weight_decay", 0.0)),
+                                     ESTIMATOR, ckpt, max_staleness=2)
             expected = reference.train_step(make_batch(shapes=batch_shapes)).metrics
             assert metrics["grad_norm"] > 10 * CLIP  # clipping was active
             # the optimizers clip the DDP grad buffer in place (the fp32 main params' grads are views of it); with
@@ -143,6 +144,11 @@ def test_tp1_matches_hf(family):
     assert not dist.is_initialized()
     check_step(family, {})
     assert not dist.is_initialized()  # the learner started a 1-rank gloo group and closed it
+
+
+def test_weight_decay_on_matrices_only_as_the_hf_learner(deep):
+    """Biases and norms take no decay in either learner (megatron's wd_mult, applied by the backend itself)."""
+    check_step(deep, {"weight_decay": 0.1})
 
 
 def test_tp2_matches_hf(family, tmp_path):

@@ -81,7 +81,7 @@ def placement(cfg: ClusterConfig, role: str, count: int, gpus: float, timeout_s:
 
     strategy = getattr(cfg, f"{role}_placement")
     bundle = {"GPU": gpus} if gpus else {"CPU": 0.01}  # a bundle needs some resource; CPU actors ask for none
-    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy, name=f"asyncopd-{role}")
+    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy)  # unnamed: one per service
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         raise RuntimeError(f"the {role} placement group ({count} x {bundle}, {strategy}) was not placed in "

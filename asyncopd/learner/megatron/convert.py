@@ -397,7 +397,9 @@ def export_hf_weights(chunks: list[torch.nn.Module], layout: DecoderLayout, wher
     fused = _norms_fused(dict(chunks[0].named_parameters()))
     sender = where.stage_ranks[0]  # stage 0's rank of this rank's pipeline group
     i_send = where.stage == 0 and where.tp_rank == 0  # global rank 0: the only one that yields
-    dtype = torch.float32 if grads else next(chunks[0].parameters()).dtype  # main_grad is fp32
+    first = next(chunks[0].parameters())
+    dtype = torch.float32 if grads else first.dtype  # main_grad is fp32
+    device = first.device  # NCCL sends only device tensors: headers and buffers live where the model does
     for stage, spans in enumerate(where.all_spans):
         for c, span in enumerate(spans):
             mine = stage == where.stage
@@ -409,17 +411,17 @@ def export_hf_weights(chunks: list[torch.nn.Module], layout: DecoderLayout, wher
                     tensors = _gather_rule(rule, params, layout, where.tp_group, where.tp, grads)
                     if stage != 0 and where.tp_rank == 0:
                         for t in tensors:
-                            header = torch.zeros(_HEADER, dtype=torch.int64)
+                            header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
                             header[0], header[1: 1 + t.dim()] = t.dim(), torch.tensor(t.shape)
                             dist.send(header, dst=sender)
-                            dist.send(t.to(dtype), dst=sender)
+                            dist.send(t.to(dtype).contiguous(), dst=sender)
                     if i_send:
                         yield from zip(rule.hf, tensors, strict=True)
                 elif i_send:
                     for name in rule.hf:
-                        header = torch.zeros(_HEADER, dtype=torch.int64)
+                        header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
                         dist.recv(header, src=where.stage_ranks[stage])
                         shape = header[1: 1 + int(header[0])].tolist()
-                        t = torch.empty(shape, dtype=dtype)
+                        t = torch.empty(shape, dtype=dtype, device=device)
                         dist.recv(t, src=where.stage_ranks[stage])
                         yield name, t

@@ -160,10 +160,12 @@ class MegatronBackend:
             vp = cfg.virtual_pp > 1
             self.chunks = [build_chunk(self.layout, self.config, span, c if vp else None, use_te=cfg.fp8)
                            for c, span in enumerate(self.where.spans)]
-            if init_weights:  # False: the weights come from a megatron checkpoint next (export_hf)
-                loader = hf_tensor_loader(model_path)
-                for chunk, span in zip(self.chunks, self.where.spans, strict=True):
-                    load_hf_into_megatron(chunk, loader, self.layout, self.where.tp_rank, cfg.tp, span)
+            if not init_weights:  # an export: the weights come from a megatron checkpoint next, and neither a
+                self.model, self.optimizer = self.chunks, None  # grad buffer nor an optimizer is built
+                return
+            loader = hf_tensor_loader(model_path)
+            for chunk, span in zip(self.chunks, self.where.spans, strict=True):
+                load_hf_into_megatron(chunk, loader, self.layout, self.where.tp_rank, cfg.tp, span)
             self.model = [self._wrap(chunk) for chunk in self.chunks]
             self.optimizer = self._optimizer()
         for m in self.model:
@@ -277,6 +279,9 @@ class MegatronBackend:
         parts = self._schedule(self._my_micro_batches(batch), on_output, forward_only=False)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            # megatron marks biases and norms wd_mult=0 but only its own lr scheduler applies it: apply it here, so
+            # the decay is the hf learner's (matrices only)
+            group["weight_decay"] = self.cfg.weight_decay * group.get("wd_mult", 1.0)
         with scope():
             _, grad_norm, _ = self.optimizer.step()
         metrics = self._batch_metrics([(p["metrics"], p["n"]) for p in parts])
@@ -294,9 +299,10 @@ class MegatronBackend:
         metrics, n = merged
         if self.cfg.dp > 1:
             keys = sorted(metrics)
-            sums = torch.tensor([metrics[k] * n for k in keys] + [n], dtype=torch.float64)
-            dist.all_reduce(sums, group=ps.get_data_parallel_group())
-            metrics = {k: float(v) / float(sums[-1]) for k, v in zip(keys, sums[:-1], strict=True)}
+            sums = torch.tensor([metrics[k] * n for k in keys] + [n], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())  # NCCL on GPUs: a device tensor
+            total = max(float(sums[-1]), 1.0)
+            metrics = {k: float(v) / total for k, v in zip(keys, sums[:-1], strict=True)}
         return metrics
 
     @torch.no_grad()
