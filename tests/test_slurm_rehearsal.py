@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,3 +132,24 @@ def test_a_requeued_job_resumes_from_its_checkpoint(slurm, artifacts, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30
     assert summary["weight_sync"]["updates"] < 30  # a resumed run syncs only the steps it trained itself
+
+
+def test_a_hydra_sweep_runs_each_point_as_a_slurm_job(slurm, artifacts, tmp_path):
+    """`asyncopd train -m ... hydra/launcher=submitit_slurm`: Hydra's Slurm launcher (hydra-submitit-launcher)
+    submits the points as one job array on the real cluster, waits for them, and the sweep ends with its study."""
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "asyncopd.cli.main", "train", "-m", "pipeline.max_staleness=0,2",
+                           "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
+                           "hydra.launcher.timeout_min=15", f"hydra.sweep.dir={sweep}",
+                           f"model.artifacts_dir={artifacts}", "run.progress=false", "pipeline.steps=10",
+                           "pipeline.batch_size=16", "pipeline.eval_prompts=50", "pipeline.eval_every=0"],
+                          env=slurm, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert len({s["slurm"]["array_job_id"] for s in summaries}) == 1  # one job array, a task per point
+    assert [s["slurm"]["array_task_id"] for s in summaries] == ["0", "1"]
+    assert [s["max_staleness"] for s in summaries] == [0, 2] and all(s["steps"] == 10 for s in summaries)
+    assert all(s["weight_sync"]["updates"] == 10 for s in summaries)  # (learning on Slurm: the flagship test)
+    study = json.loads((sweep / "study.json").read_text())["runs"]
+    assert [r["label"] for r in study] == ["pipeline.max_staleness=0", "pipeline.max_staleness=2"]
+    assert "pipeline.max_staleness=2" in done.stdout and (sweep / "study.png").exists()

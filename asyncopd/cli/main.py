@@ -37,6 +37,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from asyncopd.pipeline.run import run_training
     from asyncopd.validation import load_config
 
+    if getattr(args, "multirun", False):
+        from asyncopd.cli.multirun import run_multirun
+
+        return run_multirun(args.overrides)
     cfg = load_config(args.overrides)
     if args.prepare:
         from asyncopd.model.prepare import run_prepare
@@ -46,6 +50,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run_training(cfg)
     except Preempted as e:  # scancel / preemption: the step in flight finished and was checkpointed
         print(f"asyncopd: {e}", file=sys.stderr)
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from asyncopd.bench.study import gather, print_study
+
+    rows = gather(args.dir)
+    print_study(rows, args.out or args.dir)
     return 0
 
 
@@ -111,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         _overrides(p)
         p.set_defaults(func=_cmd_train, prepare=prepare)
+    sub.choices["train"].add_argument(
+        "-m", "--multirun", action="store_true",
+        help="a Hydra sweep: one run per point of `key=a,b` overrides (hydra/launcher=submitit_slurm submits each "
+        "to Slurm; hydra.sweep.dir=DIR, default runs/sweep-<timestamp>), then its study")
+
+    p = sub.add_parser("study", help="a sweep's runs in one table (samples/s, tokens/s, accuracy, staleness, busy "
+                       "time per role) with plots: `asyncopd study runs/sweep-...`")
+    p.add_argument("dir", help="a sweep directory (or any directory holding run directories)")
+    p.add_argument("--out", default="", help="where study.json and study.png go (default: DIR)")
+    p.set_defaults(func=_cmd_study)
 
     from asyncopd.cli import serve
 

@@ -19,8 +19,13 @@ def config_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
 
 
-def compose_config(overrides: list[str] | None = None) -> Config:
+def register_schema() -> None:
+    """configs/config.yaml's defaults start from `schema`: the structured Config, stored before any compose."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose_config(overrides: list[str] | None = None) -> Config:
+    register_schema()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             raw = compose(config_name="config", overrides=list(overrides or []))

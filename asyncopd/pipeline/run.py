@@ -3,6 +3,7 @@ and tear it all down. The loop itself (prompt -> gradient) is pipeline/loop.py."
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -222,6 +223,10 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, lo
     return {
         "run_dir": str(run_dir),
         "ray_nodes": ray_nodes,  # role -> the Ray node of each actor (learner: by rank)
+        # the Slurm job the run was (sbatch, or one point of a submitit sweep), if any
+        "slurm": {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("nodes", "SLURM_JOB_NODELIST"),
+                                                ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+                                                ("array_task_id", "SLURM_ARRAY_TASK_ID")) if v in os.environ},
         "estimator": cfg.estimator.name,
         "max_staleness": cfg.pipeline.max_staleness,
         "steps": cfg.pipeline.steps,
