@@ -73,6 +73,11 @@ def test_allocation_reasons_name_the_numbers():
     two_nodes = ["experiment=llama_70b", "teacher.replicas=1", "teacher.tp=16", "teacher.gpus_per_replica=16"]
     found = {p.field: p.message for p in problems(compose_config(two_nodes))}
     assert set(found) == {"teacher.tp"} and "cannot span nodes" in found["teacher.tp"]
+    # with placement groups a learner TP group is one bundle, so it too stays on one node
+    small_nodes = ["experiment=llama_70b", "cluster.nodes=16", "cluster.gpus_per_node=4"]
+    found = {p.field: p.message for p in problems(compose_config(small_nodes))}
+    assert set(found) == {"teacher.tp", "learner.tp"} and "set learner.tp <= 4" in found["learner.tp"]
+    assert fields([*small_nodes, "cluster.placement_groups=false"]) == {"teacher.tp"}
     # the bf16 405B teacher does not fit an 80 GiB GPU at TP=8, and TP=8 already fills a node
     h100 = ["experiment=llama_70b", "cluster.gpu_memory_gib=80"]
     found = {p.field: p.message for p in problems(compose_config(h100))}

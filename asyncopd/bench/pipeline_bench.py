@@ -104,6 +104,7 @@ def assemble(runs: dict[int, list[dict]], cores: int) -> dict:
             "max_observed_staleness": max(s["max_observed_staleness"] for s in summaries),
             "busy_s": {role: median(s[f"busy_{role}_s"] for s in summaries) for role in ROLES},
             "train_wall_s": median(s["train_wall_s"] for s in summaries),
+            "driver_cpu_s": median(s["driver_cpu_s"] for s in summaries),
         })
     return {"bounds": bounds, "rows": rows}
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from asyncopd.config.schema import ClusterConfig
+from asyncopd.core.errors import ConfigError
 
 # Ray puts unix sockets at <temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a socket
 # path may hold at most 107 bytes; the session part takes up to ~70 of them.
@@ -70,21 +71,38 @@ def ray_node_labels() -> dict[str, str]:
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-def placement(cfg: ClusterConfig, role: str, count: int, gpus: float, timeout_s: float = 600.0) -> list[dict]:
-    """Ray `.options()` for each of a role's `count` actors: bundle i of one placement group with the role's
-    strategy (cluster.<role>_placement) when cluster.placement_groups is on, else nothing (Ray's default)."""
+def placement(cfg: ClusterConfig, role: str, count: int, gpus: float, *, sized_by: str, per_bundle: int = 1,
+              timeout_s: float = 600.0) -> list[dict]:
+    """Ray `.options()` for each of a role's `count` actors: with cluster.placement_groups on, actor i in bundle
+    i // per_bundle of one placement group with the role's strategy (cluster.<role>_placement), else nothing (Ray's
+    default). Actors that must share a node share a bundle (the learner's TP groups): PACK alone is best effort.
+
+    Returns once the group is placed; raises ConfigError naming the group, the cluster's resources and the fields
+    that size it (`sized_by`) if it is not placed in `timeout_s`."""
     if not cfg.placement_groups or count == 0:
         return [{} for _ in range(count)]
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     strategy = getattr(cfg, f"{role}_placement")
-    bundle = {"GPU": gpus} if gpus else {"CPU": 0.01}  # a bundle needs some resource; CPU actors ask for none
-    group = placement_group([dict(bundle) for _ in range(count)], strategy=strategy)  # unnamed: one per service
+    # a bundle needs some resource; CPU actors ask for none, so theirs is a sliver of CPU
+    bundle = {"GPU": gpus * per_bundle} if gpus else {"CPU": 0.01 * per_bundle}
+    bundles = [dict(bundle) for _ in range(count // per_bundle)]
+    group = placement_group(bundles, strategy=strategy)  # unnamed: one per teacher service
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
-        raise RuntimeError(f"the {role} placement group ({count} x {bundle}, {strategy}) was not placed in "
-                           f"{timeout_s:g} s: the cluster lacks the resources (ray status shows them)")
-    return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
-            for i in range(count)]
+        remove_placement_group(group)  # a pending group would take resources whenever they free up
+        loosen = f", cluster.{role}_placement={strategy.removeprefix('STRICT_')}" if "STRICT" in strategy else ""
+        raise ConfigError(
+            f"the {role} placement group ({len(bundles)} x {bundle}, cluster.{role}_placement={strategy}) "
+            f"was not placed in {timeout_s:g} s: the cluster has {_listed(ray.cluster_resources())}, of which "
+            f"{_listed(ray.available_resources())} are free. Ask for less ({sized_by}){loosen}, give the cluster "
+            "more nodes or GPUs, or set cluster.placement_groups=false (Ray's default placement)")
+    return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=b)}
+            for b in range(len(bundles)) for _ in range(per_bundle)]
+
+
+def _listed(resources: dict[str, float]) -> dict[str, float]:
+    """Ray's resources without the per-node `node:<ip>` markers (ours, NODE_RESOURCE, count the nodes)."""
+    return {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}

@@ -326,10 +326,11 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     gpu_memory_gib: float = 0.0  # memory of one GPU (0 = not checked)
-    # each role's actors in a Ray placement group of one bundle per actor (their GPUs; a sliver of CPU without):
-    # where they run is then the group's strategy, not Ray's default of "near the driver"
+    # each role's actors in a Ray placement group of one bundle per actor, per TP group for the learner (their GPUs;
+    # a sliver of CPU without), all reserved before any actor starts (asyncopd.pipeline.placements): where they
+    # run is then the group's strategy, not Ray's default of "near the driver"
     placement_groups: bool = False
-    learner_placement: str = "PACK"  # PACK: the learner's ranks (TP groups first) on as few nodes as fit
+    learner_placement: str = "PACK"  # PACK: the learner's ranks on as few nodes as fit (a TP group on one node)
     rollout_placement: str = "SPREAD"  # SPREAD: engines over the nodes
     teacher_placement: str = "SPREAD"
 

@@ -35,6 +35,15 @@ def learner_ranks(cfg: LearnerConfig) -> int:
     return cfg.tp * cfg.pp * cfg.dp
 
 
+def learner_placement(cfg: Config) -> list[dict]:
+    """Each rank's Ray options (asyncopd.config.ray_cluster.placement): one bundle per TP group, ranks
+    i * tp .. (i + 1) * tp - 1 in bundle i, since megatron's rank order ("tp-cp-ep-dp-pp") makes TP the fastest
+    varying and so a TP group consecutive ranks; its all-reduces then never leave a node."""
+    lr = cfg.learner
+    return placement(cfg.cluster, "learner", learner_ranks(lr), lr.gpus_per_rank, per_bundle=lr.tp,
+                     sized_by="learner.tp, learner.pp, learner.dp, learner.gpus_per_rank")
+
+
 def _gather(refs: list) -> list:
     """ray.get, but a failing rank raises at once rather than after its peers (stuck in a collective) time out."""
     pending = list(refs)
@@ -53,12 +62,14 @@ class LearnerGroup:
         self._weight_group = False
 
     @classmethod
-    def launch(cls, cfg: Config, model_path: str) -> "LearnerGroup":
-        """Start the ranks and wait until every one has built its trainer (errors surface here)."""
-        world = learner_ranks(cfg.learner)
-        gpus = cfg.learner.gpus_per_rank
-        actors = [LearnerActor.options(num_cpus=0, num_gpus=gpus, **placed).remote(cfg, model_path, rank, world)
-                  for rank, placed in enumerate(placement(cfg.cluster, "learner", world, gpus))]
+    def launch(cls, cfg: Config, model_path: str, placed: list[dict] | None = None) -> "LearnerGroup":
+        """Start the ranks and wait until every one has built its trainer (errors surface here). `placed`: each
+        rank's options, reserved beforehand with the other roles' (asyncopd.pipeline.placements); None reserves
+        them now."""
+        placed = learner_placement(cfg) if placed is None else placed
+        world, gpus = len(placed), cfg.learner.gpus_per_rank
+        actors = [LearnerActor.options(num_cpus=0, num_gpus=gpus, **options).remote(cfg, model_path, rank, world)
+                  for rank, options in enumerate(placed)]
         try:
             if world == 1:
                 _gather([actors[0].version.remote()])

@@ -64,6 +64,20 @@ def check_vocabulary_pair(student: dict, teacher: dict) -> None:
                 f"Point model.{role}_path at a checkpoint whose embedding covers its tokenizer.")
 
 
+def rollout_placement(cfg: Config) -> list[dict]:
+    """Each engine's Ray options (asyncopd.config.ray_cluster.placement)."""
+    r = cfg.rollout
+    return placement(cfg.cluster, "rollout", r.num_engines, r.gpus_per_engine,
+                     sized_by="rollout.num_engines, rollout.gpus_per_engine")
+
+
+def teacher_placements(cfg: Config) -> dict[str, list[dict]]:
+    """Each teacher service's replicas' Ray options, a group per service, the largest replicas placed first."""
+    services = sorted(teacher_services(cfg), key=lambda t: -t.cfg.gpus_per_replica)
+    return {t.name: placement(cfg.cluster, "teacher", t.cfg.replicas, t.cfg.gpus_per_replica,
+                              sized_by=f"{t.field}.replicas, {t.field}.gpus_per_replica") for t in services}
+
+
 class Fleet:
     def __init__(self, cfg: Config, actors: list, engines: list[SGLangClient], teacher: TeacherRouter,
                  teacher_accuracy: float | None):
@@ -82,19 +96,23 @@ class Fleet:
         self.routed: Dispatcher | None = None
 
     @classmethod
-    def launch(cls, cfg: Config, paths: ModelPaths) -> "Fleet":
+    def launch(cls, cfg: Config, paths: ModelPaths, rollout_placed: list[dict] | None = None,
+               teachers_placed: dict[str, list[dict]] | None = None) -> "Fleet":
+        """Start the engines and teacher replicas and connect to them. `rollout_placed`, `teachers_placed`: their
+        Ray options, reserved beforehand with the learner's (asyncopd.pipeline.placements); None reserves them now."""
+        teachers_placed = teacher_placements(cfg) if teachers_placed is None else teachers_placed
+        rollout_placed = rollout_placement(cfg) if rollout_placed is None else rollout_placed
         rollout, sup = ROLLOUT_BACKENDS[cfg.rollout.backend], cfg.supervision
         # max_restarts: Ray restarts an actor whose process died (the embedded servers run inside it)
         engine_actors = [rollout.host().options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_engine,
                                                 max_restarts=sup.max_restarts, **placed).remote(
                              paths.student, cfg.rollout, sup)
-                         for placed in placement(cfg.cluster, "rollout", cfg.rollout.num_engines,
-                                                 cfg.rollout.gpus_per_engine)]
+                         for placed in rollout_placed]
         services = teacher_services(cfg)
         teacher_actors = {t.name: [TEACHER_BACKENDS[t.cfg.backend].host().options(
             num_cpus=0, num_gpus=t.cfg.gpus_per_replica, max_restarts=sup.max_restarts, **placed).remote(
                 t.path, t.cfg, sup)
-            for placed in placement(cfg.cluster, "teacher", t.cfg.replicas, t.cfg.gpus_per_replica)]
+            for placed in teachers_placed[t.name]]
             for t in services}
         started = {name: [a.start.remote() for a in actors] for name, actors in teacher_actors.items()}  # all at once
         engine_urls = ray.get([a.start.remote() for a in engine_actors])

@@ -29,6 +29,7 @@ from asyncopd.learner.group import LearnerGroup
 from asyncopd.model.paths import ModelPaths, resolve_data_files, resolve_model_paths, teacher_services
 from asyncopd.pipeline.fleet import Fleet
 from asyncopd.pipeline.loop import OPDLoop, train
+from asyncopd.pipeline.placements import reserve
 from asyncopd.pipeline.run_logger import RunLogger
 from asyncopd.pipeline.scheduler import StageTimes
 from asyncopd.pipeline.supervisor import Supervisor
@@ -119,14 +120,15 @@ def run_training(cfg: Config) -> dict:
     run_dir = make_run_dir(cfg)
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
-    # the learner's processes start (imports, model load) while the fleet loads, not after it
-    launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-launch")
-    learner_launch = launcher.submit(LearnerGroup.launch, cfg, paths.student)
-    launcher.shutdown(wait=False)
-    fleet = learner = sync = None
+    fleet = learner = sync = learner_launch = None
     terminated, restore = _on_sigterm()
     try:
-        fleet = Fleet.launch(cfg, paths)
+        placed = reserve(cfg)  # every role's placement group, in one order, before any actor starts
+        # the learner's processes start (imports, model load) while the fleet loads, not after it
+        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner-launch")
+        learner_launch = launcher.submit(LearnerGroup.launch, cfg, paths.student, placed.learner)
+        launcher.shutdown(wait=False)
+        fleet = Fleet.launch(cfg, paths, placed.rollout, placed.teachers)
         fleet.check_vocabularies()
         learner = learner_launch.result()
         sync = Supervisor(cfg, fleet, learner)  # the weight sync over the live engines; restarts lost servers
@@ -134,18 +136,18 @@ def run_training(cfg: Config) -> dict:
         start = resume(cfg, learner, sync)
         val = val_set.samples[: cfg.pipeline.eval_prompts] if val_set else []
         evals: list[tuple[int, dict[str, float]]] = []
-        eval_time = 0.0
+        eval_cost = [0.0, 0.0]  # mid-run evaluations' wall and driver CPU seconds: not training
 
-        def evaluate(step: int) -> float:
-            """Evaluate, log, and return the seconds it took (mid-run ones are not training time)."""
+        def evaluate(step: int) -> tuple[float, float]:
+            """Evaluate, log, and return the wall and driver CPU seconds it took."""
             if not val:
-                return 0.0
-            t0 = time.perf_counter()
+                return 0.0, 0.0
+            t0, cpu0 = time.perf_counter(), time.process_time()
             metrics = evaluate_student(fleet, tokenizer, val, verifier, cfg.pipeline.eval_k,
                                        cfg.pipeline.seed * 2**32 + EVAL_SEED)
             evals.append((step, metrics))
             logger.scalars(step, metrics)
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - cpu0
 
         evaluate(start)
         loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, train_set.samples, verifier, logger.step, start)
@@ -156,7 +158,6 @@ def run_training(cfg: Config) -> dict:
             saved.append(step)
 
         def after_step(s: int, times: StageTimes) -> None:
-            nonlocal eval_time
             step = s + 1
             i = s - start
             logger.scalars(s, {"time/rollout_s": times.rollout[i], "time/teacher_s": times.teacher[i],
@@ -166,16 +167,21 @@ def run_training(cfg: Config) -> dict:
                     save(step)
                 raise Preempted(step, str(run_dir / "checkpoint"))
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
-                eval_time += evaluate(step)
+                wall, cpu = evaluate(step)
+                eval_cost[0] += wall
+                eval_cost[1] += cpu
             if cfg.run.save_every and step % cfg.run.save_every == 0:
                 save(step)
 
+        cpu0 = time.process_time()  # the driver's own CPU (all its threads): a consumer beside the roles
         times = train(loop, start, after_step)
+        driver_cpu_s = time.process_time() - cpu0 - eval_cost[1]
         evaluate(cfg.pipeline.steps)
         if saved[-1] != cfg.pipeline.steps:
             save(cfg.pipeline.steps)
         builtin = not (cfg.data.train_files or cfg.data.val_files)  # the teacher was measured on the task's val
-        summary = _summary(cfg, run_dir, times, eval_time, loop, evals, fleet.teacher_accuracy if builtin else None,
+        summary = _summary(cfg, run_dir, times, eval_cost[0], driver_cpu_s, loop, evals,
+                           fleet.teacher_accuracy if builtin else None,
                            {"train": train_set.summary(), "val": val_set.summary() if val_set else None}, sync,
                            _ray_nodes(fleet, learner))
         print(logger.summary(summary))
@@ -187,7 +193,8 @@ def run_training(cfg: Config) -> dict:
             sync.close()
         if fleet is not None:
             fleet.shutdown()
-        if learner is None:  # the fleet failed first: the learner launched beside it must not outlive the run
+        # the fleet failed first: the learner launched beside it must not outlive the run
+        if learner is None and learner_launch is not None:
             learner = _launched_or_none(learner_launch)
         if learner is not None:
             learner.shutdown()
@@ -213,7 +220,7 @@ def _ray_nodes(fleet: Fleet, learner: LearnerGroup) -> dict[str, list[str]]:
     return {role: [labels.get(n, n) for n in nodes] for role, nodes in ids.items()}
 
 
-def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, loop: OPDLoop,
+def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, driver_cpu_s: float, loop: OPDLoop,
              evals: list[tuple[int, dict[str, float]]], teacher_accuracy: float | None, data: dict,
              supervisor: Supervisor, ray_nodes: dict[str, list[str]]) -> dict:
     train_wall = times.wall_s - eval_time
@@ -237,6 +244,7 @@ def _summary(cfg: Config, run_dir: Path, times: StageTimes, eval_time: float, lo
         "busy_rollout_s": per_role["rollout"],
         "busy_teacher_s": per_role["teacher"],
         "busy_learner_s": per_role["learner"],
+        "driver_cpu_s": driver_cpu_s,  # CPU the driver process spent training (dispatch, batching, wire decoding)
         "ideal_speedup": times.ideal_speedup(),
         "staleness_histogram": dict(sorted(loop.staleness.items())),  # by sample: its oldest token's lag
         "token_staleness_histogram": dict(sorted(loop.token_staleness.items())),

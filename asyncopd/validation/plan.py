@@ -168,6 +168,12 @@ def _gpu_problems(cfg: Config, roles: list[RolePlan], available: int) -> list[Pr
                                              f"server, which cannot span nodes; set {role}.tp <= {c.gpus_per_node} "
                                              "(a model too large for one node needs GPUs with more memory or "
                                              "lower-precision weights)"))
+    if on_gpu["learner"] and c.placement_groups and c.gpus_per_node > 0 and cfg.learner.tp > c.gpus_per_node:
+        out.append(Problem("learner.tp", f"learner.tp={cfg.learner.tp} but a node has cluster.gpus_per_node="
+                                         f"{c.gpus_per_node}, and cluster.placement_groups keeps a TP group on one "
+                                         f"node (one bundle): set learner.tp <= {c.gpus_per_node} (learner.pp and "
+                                         "learner.dp span nodes), or cluster.placement_groups=false to let Ray "
+                                         "split it"))
     if on_gpu["learner"] and cfg.learner.gpus_per_rank != 1:
         out.append(Problem("learner.gpus_per_rank", f"learner.gpus_per_rank={cfg.learner.gpus_per_rank:g} on a GPU "
                                                      "cluster: each learner rank drives one GPU; set it to 1"))
