@@ -10,20 +10,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
 import ray
 from ray.util import placement_group_table
-from ray.util.placement_group import remove_placement_group
 
 from asyncopd.config.ray_cluster import NODE_RESOURCE, placement, ray_node_labels
 from asyncopd.config.schema import ClusterConfig, Config, LearnerConfig, RolloutConfig
 from asyncopd.core.errors import ConfigError
 from asyncopd.model.prepare import run_prepare
 from asyncopd.pipeline.fleet import rollout_placement
-from asyncopd.pipeline.placements import reserve
+from asyncopd.pipeline.placements import release, reserve
 from asyncopd.pipeline.run import run_training
 from asyncopd.validation import load_config
 
@@ -110,17 +110,15 @@ def _nodes(options: list[dict]) -> list[str]:
 
 
 def _release(*roles: list[dict]) -> None:
-    """Remove the roles' groups and wait until their GPUs are free again."""
-    for group in {o["scheduling_strategy"].placement_group for options in roles for o in options}:
-        remove_placement_group(group)
+    """Remove the roles' groups (what a run does at its end) and wait until their GPUs are free again."""
+    release(list(roles))
     _until("the GPUs' release", lambda: ray.available_resources().get("GPU") == 2 * GPUS_PER_NODE, [])
 
 
 def test_roles_reserved_in_a_fixed_order_fill_an_exactly_full_allocation(two_nodes):
     """2 nodes x 2 GPUs, all four asked for: a TP=2 learner (a bundle of 2 GPUs, PACK) and two 1-GPU engines
     (SPREAD). Engines placed first take a GPU on each node and leave the TP group no node, which the launchers'
-    race could do; reserved in one order (teachers, learner, engines) the learner takes a node, the engines the
-    other."""
+    race could do; reserved largest bundles first the learner takes a node, the engines the other."""
     cfg = Config(learner=LearnerConfig(backend="megatron", tp=2, gpus_per_rank=1.0),
                  rollout=RolloutConfig(num_engines=2, gpus_per_engine=1.0),
                  cluster=ClusterConfig(placement_groups=True))
@@ -129,6 +127,14 @@ def test_roles_reserved_in_a_fixed_order_fill_an_exactly_full_allocation(two_nod
         placed = reserve(cfg)
         learner, rollout = _nodes(placed.learner), _nodes(placed.rollout)
         assert len(set(learner)) == 1 and set(rollout) == {"a", "b"} - set(learner), (learner, rollout)
+        _release(placed.learner, placed.rollout, *placed.teachers.values())
+
+        # by size, not by role: 2 teacher replicas of 1 GPU SPREAD first would take a GPU on each node too
+        big_learner = replace(cfg, teacher=replace(cfg.teacher, replicas=2, gpus_per_replica=1.0),
+                              rollout=replace(cfg.rollout, gpus_per_engine=0.0))
+        placed = reserve(big_learner)
+        learner, teachers = _nodes(placed.learner), _nodes(placed.teachers["default"])
+        assert len(set(learner)) == 1 and set(teachers) == {"a", "b"} - set(learner), (learner, teachers)
         _release(placed.learner, placed.rollout, *placed.teachers.values())
 
         engines_first = rollout_placement(cfg)

@@ -73,6 +73,43 @@ def test_a_sweep_with_a_point_that_cannot_run_starts_nothing(tmp_path, capsys):
     assert not sweep.exists()
 
 
+def test_a_sweep_refuses_a_used_sweep_dir_a_fixed_run_dir_and_an_unknown_launcher(tmp_path, capsys):
+    (tmp_path / "used" / "0").mkdir(parents=True)
+    assert main(["train", "-m", "pipeline.max_staleness=0,1", f"hydra.sweep.dir={tmp_path / 'used'}"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert main(["train", "-m", "pipeline.max_staleness=0,1", f"run.dir={tmp_path / 'run'}",
+                 f"hydra.sweep.dir={tmp_path / 'new'}"]) == 2
+    assert "drop run.dir" in capsys.readouterr().err
+    assert main(["train", "-m", "pipeline.max_staleness=0,1", "hydra/launcher=no_such_launcher",
+                 f"hydra.sweep.dir={tmp_path / 'new'}"]) == 2
+    assert "no_such_launcher" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "run").exists()
+
+
+def test_study_marks_a_summary_it_cannot_read(tmp_path, capsys):
+    _job(tmp_path, "0", ["pipeline.max_staleness=0"], {"samples_per_s": 1.0})  # not an asyncopd summary
+    _job(tmp_path, "1", ["pipeline.max_staleness=1"], _summary())
+    assert [r["status"] for r in gather(tmp_path)] == ["unreadable", "ok"]
+    assert main(["study", str(tmp_path)]) == 0
+    assert "unreadable: KeyError" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tiny_artifacts, tmp_path):
+    """The second point validates (its teacher path is well-formed) but has no checkpoint there: it fails when its
+    run starts, writes error.txt, and the first point's run still lands; the sweep exits 1."""
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "asyncopd.cli.main", "train", "-m",
+                           f"model.teacher_path={tiny_artifacts / 'teacher'},{tmp_path / 'missing'}",
+                           f"model.artifacts_dir={tiny_artifacts}", *SMALL, f"hydra.sweep.dir={sweep}"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (sweep / "0" / "summary.json").exists() and not (sweep / "1" / "summary.json").exists()
+    assert "model.teacher_path" in (sweep / "1" / "error.txt").read_text()
+    rows = json.loads((sweep / "study.json").read_text())["runs"]
+    assert [r["status"] for r in rows] == ["ok", "failed"] and "model.teacher_path" in rows[1]["error"]
+
+
 @pytest.mark.e2e
 def test_a_local_multirun_trains_every_point_and_ends_with_its_study(tiny_artifacts, tmp_path):
     sweep = tmp_path / "sweep"
@@ -85,6 +122,7 @@ def test_a_local_multirun_trains_every_point_and_ends_with_its_study(tiny_artifa
     for job, k in zip(jobs, (0, 2), strict=True):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["run_dir"] == str(job) and summary["max_staleness"] == k and summary["steps"] == 6
+        assert summary["driver_cpu_s"] > 0
         assert f"pipeline.max_staleness={k}" in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
     study = json.loads((sweep / "study.json").read_text())["runs"]
     assert [r["label"] for r in study] == ["pipeline.max_staleness=0", "pipeline.max_staleness=2"]

@@ -128,6 +128,21 @@ def test_calibration_reproduces_the_sync_run(tmp_path):
     assert loaded["predicted_samples_per_s"] == pytest.approx(150.0, rel=0.03)
 
 
+def test_the_drivers_cpu_competes_with_the_roles_only_when_they_overlap(tmp_path):
+    # the driver spent 12 s of CPU on the sync run's 9600 samples: 1.25 ms a sample beside 10 ms of role work
+    busy = {"rollout": 36.0, "teacher": 30.0, "learner": 30.0}
+    rows = [{"max_staleness": 0, "samples_per_s": 100.0, "train_wall_s": 96.0, "busy_s": busy, "driver_cpu_s": 12.0},
+            {"max_staleness": 2, "samples_per_s": 180.0, "train_wall_s": 53.3, "busy_s": busy, "driver_cpu_s": 12.0}]
+    result = calibrate(str(_bench(tmp_path, rows)), batch_size=64)
+    sync, k2 = result["rows"]
+    assert result["costs"]["driver_cpu_s_per_sample"] == pytest.approx(1.25e-3)
+    # sync: one role busy at a time, the driver fits on the other core
+    assert sync["predicted_samples_per_s"] == pytest.approx(100.0, rel=1e-9)
+    # async: rate r with the roles' 10 ms and the driver's 1.25 ms a sample on 2 cores, r = 2 / 11.25 ms, less fill
+    assert k2["predicted_samples_per_s"] == pytest.approx(2 / 11.25e-3, rel=0.03)
+    assert k2["driver_cores"] == pytest.approx(1.25e-3 * k2["predicted_samples_per_s"])
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"),
     ("{not json", "not JSON"),

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from asyncopd.learner.group import LearnerGroup
     from asyncopd.model.paths import resolve_model_paths
     from asyncopd.pipeline.fleet import Fleet
+    from asyncopd.pipeline.placements import reserve
     from asyncopd.rollout.backends import weight_sync_config
     from asyncopd.validation import load_config
     from asyncopd.weights.sync import WeightSync
@@ -92,8 +93,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         owns_ray = start_ray(cfg.cluster, tmp)
         fleet = learner = sync = None
         try:
-            fleet = Fleet.launch(cfg, paths)
-            learner = LearnerGroup.launch(cfg, paths.student)
+            placed = reserve(cfg)  # the run's order (asyncopd.pipeline.placements)
+            fleet = Fleet.launch(cfg, paths, placed.rollout, placed.teachers)
+            learner = LearnerGroup.launch(cfg, paths.student, placed.learner)
             sync = WeightSync(weight_sync_config(cfg), learner, fleet.engines)
             sync.init_group()
             engine = fleet.engines[0]

@@ -269,9 +269,9 @@ def format_calibration(result: dict) -> str:
     if result["max_abs_error"] > 0.15:
         verdict += (f"; at k={worst['max_staleness']} the roles did {worst['measured_cores']:.2f} cores' worth of "
                     f"their sync-run work per second where the model gives them {worst['predicted_cores']:.2f}: "
-                    "the gap is CPU the roles did not get, which a sync run cannot reveal (one role busy at a time "
-                    "leaves the other core to everything else: other jobs, the driver, Ray); bench on an idle "
-                    "machine, or model it with --background-cores")
+                    "the gap is CPU the roles did not get beyond the driver's share, which a sync run cannot reveal "
+                    "(one role busy at a time leaves the other core to everything else: other jobs, Ray); bench on "
+                    "an idle machine with --repeats, or model other load with --background-cores")
     return "\n".join([
         f"calibrated from {result['bench']}'s sync run: seconds per sample rollout {c['rollout_s_per_sample']:.2e}, "
         f"teacher {c['teacher_s_per_sample']:.2e}, learner {c['learner_s_per_sample']:.2e} (the learner's include "

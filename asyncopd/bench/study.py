@@ -46,7 +46,16 @@ def gather(directory: str | Path) -> list[dict]:
     if not runs:
         raise ConfigError(f"{directory}: holds no runs (directories with summary.json, error.txt or .hydra/)")
     number = lambda r: int(r.name) if r.name.isdigit() else 1 << 30  # noqa: E731
-    return [_row(r, root) for r in sorted(runs, key=lambda r: (number(r), str(r)))]
+    return [_readable(r, root) for r in sorted(runs, key=lambda r: (number(r), str(r)))]
+
+
+def _readable(run: Path, root: Path) -> dict:
+    """A run's row, or one saying why its files cannot be read (another tool's summary.json, an older layout)."""
+    try:
+        return _row(run, root)
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError) as e:
+        return {"run": str(run.relative_to(root)), "overrides": [], "status": "unreadable",
+                "error": f"{type(e).__name__}: {e} (not an asyncopd run's summary.json?)"}
 
 
 def labels(rows: list[dict]) -> list[str]:

@@ -5,19 +5,22 @@ point that fails records why (`error.txt`) without stopping the others, and the 
 
 import sys
 import traceback
-from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.core.errors import ConfigError
+from asyncopd.core.errors import ConfigError, Preempted
 
 SWEEP_DIR_KEY = "hydra.sweep.dir"
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _task_overrides(overrides: list[str]) -> list[str]:
     """The overrides that shape the runs: not Hydra's own (`hydra.*`, `hydra/launcher=...`)."""
-    return [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    return [o for o in overrides if not _key(o).startswith(("hydra.", "hydra/"))]
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:
@@ -40,7 +43,9 @@ def check_points(points: list[list[str]]) -> None:
     bad = []
     for i, point in enumerate(points):
         try:
-            load_config(point)
+            if load_config(point).run.dir:
+                raise ConfigError("run.dir is set, but a sweep's runs each go to <hydra.sweep.dir>/<job number>: "
+                                  "drop run.dir (set hydra.sweep.dir=DIR to choose where the sweep goes)")
         except ConfigError as e:
             bad.append(f"run {i} ({' '.join(point) or 'defaults'}): {e}")
     if bad:
@@ -58,8 +63,11 @@ def _job(raw: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(OmegaConf.to_object(raw))
-        cfg.run.dir = cfg.run.dir or str(out)
+        cfg.run.dir = str(out)
         return run_training(cfg)
+    except Preempted as e:  # SIGTERM: this point checkpointed; the sweep stops too (the launcher would go on)
+        (out / "error.txt").write_text(f"Preempted: {e}\n")
+        raise SystemExit(f"asyncopd: {e}; the sweep stopped there") from None
     except Exception as e:  # one failed point must not lose the sweep: the study lists it with the reason
         (out / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         print(f"asyncopd: run in {out} failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -68,25 +76,34 @@ def _job(raw: DictConfig) -> dict:
 
 def run_multirun(overrides: list[str]) -> int:
     """Validate the sweep, run it with Hydra (`hydra.main`, the launcher the overrides choose), print its study.
-    Exit 0 when every run finished, 1 when any failed (their rows say why)."""
+    Exit 0 when every run finished, 1 when any failed or did not run (the study's rows say which and why)."""
     import hydra
 
     from asyncopd.bench.study import gather, print_study
-    from asyncopd.config.load import config_dir, register_schema
+    from asyncopd.config.load import config_dir, register_schema, sweep_dir
 
     points = sweep_points(overrides)
     check_points(points)
-    given = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{SWEEP_DIR_KEY}=")]
-    sweep_dir = given[-1] if given else f"runs/sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    print(f"asyncopd: sweep of {len(points)} runs into {sweep_dir}", flush=True)
+    # resolved once (a ${now:...} in it) with Hydra's own overrides checked, and passed to Hydra as that
+    directory = sweep_dir(points[0] + [o for o in overrides if o not in _task_overrides(overrides)])
+    if Path(directory).is_dir() and any(Path(directory).iterdir()):
+        raise ConfigError(f"{SWEEP_DIR_KEY}={directory} already holds files: a sweep writes its runs into "
+                          "<dir>/0, <dir>/1, ..., so pick a new directory (`asyncopd study` reads the old one)")
+    print(f"asyncopd: sweep of {len(points)} runs into {directory}", flush=True)
     register_schema()
-    argv = sys.argv
-    sys.argv = [argv[0], "--multirun", *[o for o in overrides if not o.startswith(f"{SWEEP_DIR_KEY}=")],
-                f"{SWEEP_DIR_KEY}={sweep_dir}"]
+    argv, stopped = sys.argv, None
+    sys.argv = [argv[0], "--multirun", *[o for o in overrides if _key(o) != SWEEP_DIR_KEY],
+                f"{SWEEP_DIR_KEY}={directory}"]
     try:
         hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_job)()
+    except SystemExit as e:  # a launcher's error (Hydra exits 1 after printing it) or a SIGTERM: report the sweep
+        stopped = e
     finally:
         sys.argv = argv
-    rows = gather(sweep_dir)
-    print_study(rows, sweep_dir)
-    return 1 if any(r["status"] != "ok" for r in rows) or len(rows) < len(points) else 0
+    rows = gather(directory) if Path(directory).is_dir() else []
+    if rows:
+        print_study(rows, directory)
+    if stopped is not None and stopped.code not in (None, 0):
+        print(stopped.code if isinstance(stopped.code, str) else "asyncopd: the sweep stopped early", file=sys.stderr)
+    complete = len(rows) == len(points) and all(r["status"] == "ok" for r in rows)
+    return 0 if complete else 1

@@ -24,17 +24,34 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def compose_config(overrides: list[str] | None = None) -> Config:
+def _bad_override(e: Exception) -> ConfigError:
+    return ConfigError(f"bad config override: {e}\n(see `asyncopd config` for every key and its default)")
+
+
+def _compose(overrides: list[str], hydra_config: bool = False):
     register_schema()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            raw = compose(config_name="config", overrides=list(overrides or []))
-        cfg = OmegaConf.to_object(raw)
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(
-            f"bad config override: {e}\n(see `asyncopd config` for every key and its default)"
-        ) from None
-    return cfg
+        raise _bad_override(e) from None
+
+
+def compose_config(overrides: list[str] | None = None) -> Config:
+    raw = _compose(list(overrides or []))
+    try:
+        return OmegaConf.to_object(raw)
+    except OmegaConfBaseException as e:
+        raise _bad_override(e) from None
+
+
+def sweep_dir(overrides: list[str]) -> str:
+    """`hydra.sweep.dir` as configs/ and `overrides` set it, resolved now; composing Hydra's own config also checks
+    the `hydra.*` and `hydra/...` overrides (a launcher whose plugin is not installed is named here)."""
+    try:
+        return str(_compose(overrides, hydra_config=True).hydra.sweep.dir)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad hydra.sweep.dir: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:

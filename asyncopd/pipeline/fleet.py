@@ -9,7 +9,7 @@ from asyncopd.config.ray_cluster import placement
 from asyncopd.config.schema import Config
 from asyncopd.core.errors import ConfigError
 from asyncopd.core.types import Rollout
-from asyncopd.model.paths import ModelPaths, teacher_services
+from asyncopd.model.paths import ModelPaths, NamedTeacher, teacher_services
 from asyncopd.net.server import vocabulary_card
 from asyncopd.rollout.backends import ROLLOUT_BACKENDS
 from asyncopd.rollout.client import SGLangClient
@@ -71,11 +71,10 @@ def rollout_placement(cfg: Config) -> list[dict]:
                      sized_by="rollout.num_engines, rollout.gpus_per_engine")
 
 
-def teacher_placements(cfg: Config) -> dict[str, list[dict]]:
-    """Each teacher service's replicas' Ray options, a group per service, the largest replicas placed first."""
-    services = sorted(teacher_services(cfg), key=lambda t: -t.cfg.gpus_per_replica)
-    return {t.name: placement(cfg.cluster, "teacher", t.cfg.replicas, t.cfg.gpus_per_replica,
-                              sized_by=f"{t.field}.replicas, {t.field}.gpus_per_replica") for t in services}
+def teacher_placement(cfg: Config, service: NamedTeacher) -> list[dict]:
+    """A teacher service's replicas' Ray options, a group per service."""
+    return placement(cfg.cluster, "teacher", service.cfg.replicas, service.cfg.gpus_per_replica,
+                     sized_by=f"{service.field}.replicas, {service.field}.gpus_per_replica")
 
 
 class Fleet:
@@ -100,7 +99,8 @@ class Fleet:
                teachers_placed: dict[str, list[dict]] | None = None) -> "Fleet":
         """Start the engines and teacher replicas and connect to them. `rollout_placed`, `teachers_placed`: their
         Ray options, reserved beforehand with the learner's (asyncopd.pipeline.placements); None reserves them now."""
-        teachers_placed = teacher_placements(cfg) if teachers_placed is None else teachers_placed
+        if teachers_placed is None:
+            teachers_placed = {t.name: teacher_placement(cfg, t) for t in teacher_services(cfg)}
         rollout_placed = rollout_placement(cfg) if rollout_placed is None else rollout_placed
         rollout, sup = ROLLOUT_BACKENDS[cfg.rollout.backend], cfg.supervision
         # max_restarts: Ray restarts an actor whose process died (the embedded servers run inside it)

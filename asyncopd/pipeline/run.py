@@ -120,7 +120,7 @@ def run_training(cfg: Config) -> dict:
     run_dir = make_run_dir(cfg)
     owns_ray = start_ray(cfg.cluster, run_dir)
     logger = RunLogger(run_dir, cfg.pipeline.steps, cfg.run.tensorboard, cfg.run.progress)
-    fleet = learner = sync = learner_launch = None
+    fleet = learner = sync = learner_launch = placed = None
     terminated, restore = _on_sigterm()
     try:
         placed = reserve(cfg)  # every role's placement group, in one order, before any actor starts
@@ -136,18 +136,18 @@ def run_training(cfg: Config) -> dict:
         start = resume(cfg, learner, sync)
         val = val_set.samples[: cfg.pipeline.eval_prompts] if val_set else []
         evals: list[tuple[int, dict[str, float]]] = []
-        eval_cost = [0.0, 0.0]  # mid-run evaluations' wall and driver CPU seconds: not training
+        eval_time = 0.0
 
-        def evaluate(step: int) -> tuple[float, float]:
-            """Evaluate, log, and return the wall and driver CPU seconds it took."""
+        def evaluate(step: int) -> float:
+            """Evaluate, log, and return the seconds it took (mid-run ones are not training time)."""
             if not val:
-                return 0.0, 0.0
-            t0, cpu0 = time.perf_counter(), time.process_time()
+                return 0.0
+            t0 = time.perf_counter()
             metrics = evaluate_student(fleet, tokenizer, val, verifier, cfg.pipeline.eval_k,
                                        cfg.pipeline.seed * 2**32 + EVAL_SEED)
             evals.append((step, metrics))
             logger.scalars(step, metrics)
-            return time.perf_counter() - t0, time.process_time() - cpu0
+            return time.perf_counter() - t0
 
         evaluate(start)
         loop = OPDLoop(cfg, fleet, learner, sync, tokenizer, train_set.samples, verifier, logger.step, start)
@@ -158,6 +158,7 @@ def run_training(cfg: Config) -> dict:
             saved.append(step)
 
         def after_step(s: int, times: StageTimes) -> None:
+            nonlocal eval_time
             step = s + 1
             i = s - start
             logger.scalars(s, {"time/rollout_s": times.rollout[i], "time/teacher_s": times.teacher[i],
@@ -167,20 +168,18 @@ def run_training(cfg: Config) -> dict:
                     save(step)
                 raise Preempted(step, str(run_dir / "checkpoint"))
             if cfg.pipeline.eval_every and step % cfg.pipeline.eval_every == 0 and step < cfg.pipeline.steps:
-                wall, cpu = evaluate(step)
-                eval_cost[0] += wall
-                eval_cost[1] += cpu
+                eval_time += evaluate(step)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
                 save(step)
 
         cpu0 = time.process_time()  # the driver's own CPU (all its threads): a consumer beside the roles
         times = train(loop, start, after_step)
-        driver_cpu_s = time.process_time() - cpu0 - eval_cost[1]
+        driver_cpu_s = time.process_time() - cpu0  # with any mid-run evaluation's (the stages run on meanwhile)
         evaluate(cfg.pipeline.steps)
         if saved[-1] != cfg.pipeline.steps:
             save(cfg.pipeline.steps)
         builtin = not (cfg.data.train_files or cfg.data.val_files)  # the teacher was measured on the task's val
-        summary = _summary(cfg, run_dir, times, eval_cost[0], driver_cpu_s, loop, evals,
+        summary = _summary(cfg, run_dir, times, eval_time, driver_cpu_s, loop, evals,
                            fleet.teacher_accuracy if builtin else None,
                            {"train": train_set.summary(), "val": val_set.summary() if val_set else None}, sync,
                            _ray_nodes(fleet, learner))
@@ -198,6 +197,8 @@ def run_training(cfg: Config) -> dict:
             learner = _launched_or_none(learner_launch)
         if learner is not None:
             learner.shutdown()
+        if placed is not None:
+            placed.release()
         if owns_ray:
             ray.shutdown()
 
