@@ -31,16 +31,18 @@ def test_stage_times_ideal_is_the_overlap_bound_of_its_totals():
     assert times.ideal_speedup() == pytest.approx(8.0 / 3.4)
 
 
-def summary(busy: tuple[float, float, float], samples_per_s: float, k: int = 0, accuracy: float = 0.5) -> dict:
+def summary(busy: tuple[float, float, float], samples_per_s: float, k: int = 0, accuracy: float = 0.5,
+            driver: float = 1.0) -> dict:
     """The keys of a run summary the bench reads."""
     return {"samples_per_s": samples_per_s, "final_accuracy": accuracy, "max_observed_staleness": k,
-            "train_wall_s": 1000.0 / samples_per_s,
+            "train_wall_s": 1000.0 / samples_per_s, "driver_cpu_s": driver,
             **{f"busy_{role}_s": s for role, s in zip(pipeline_bench.ROLES, busy, strict=True)}}
 
 
 def test_assemble_bounds_from_the_sync_run_and_paired_speedups():
     runs = {
-        0: [summary(SYNC_BUSY, 100.0), summary((1.9, 3.5, 2.9), 90.0), summary((1.7, 3.3, 2.7), 110.0)],
+        0: [summary(SYNC_BUSY, 100.0, driver=2.0), summary((1.9, 3.5, 2.9), 90.0, driver=3.0),
+            summary((1.7, 3.3, 2.7), 110.0, driver=2.5)],
         # async busy seconds are inflated by contention; the bounds must not use them
         2: [summary((2.0, 6.0, 3.0), 180.0, 2, 0.6), summary((2.0, 6.0, 3.0), 171.0, 1, 0.4),
             summary((2.0, 6.0, 3.0), 198.0, 2, 0.5)],
@@ -56,6 +58,7 @@ def test_assemble_bounds_from_the_sync_run_and_paired_speedups():
     assert (sync["mode"], sync["speedup"], sync["speedup_spread"]) == ("sync", 1.0, 0.0)
     assert sync["samples_per_s"] == 100.0 and sync["samples_per_s_spread"] == pytest.approx(0.2)
     assert sync["efficiency_resource"] == pytest.approx(0.5)
+    assert sync["driver_cpu_s"] == 2.5  # the median repeat's: the simulator's calibration reads it
     assert k2["mode"] == "async" and k2["max_staleness"] == 2
     assert k2["speedup_all"] == pytest.approx([1.8, 1.9, 1.8])  # repeat r over sync's repeat r
     assert k2["speedup"] == pytest.approx(1.8) and k2["speedup_spread"] == pytest.approx(0.1 / 1.8)
