@@ -98,15 +98,22 @@ def test_a_config_that_cannot_run_stops_before_ray(slurm, tmp_path):
     assert "Ray runtime started" not in log and not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_scancel_batch_checkpoints_the_step_and_exits_cleanly(slurm, artifacts, tmp_path):
-    """SIGTERM to the batch script (what Slurm sends before the time limit with --signal=B:TERM@N) reaches the
-    driver, which finishes its step, checkpoints it and exits 0."""
+def _submit_until_checkpoint(slurm: dict, artifacts: Path, tmp_path: Path, steps: int, every: int
+                             ) -> tuple[dict, Path, int]:
+    """(env, run dir, job id) of a tiny run submitted with --requeue, once its step-`every` checkpoint exists."""
     run = tmp_path / "run"
     env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(run)}
     job, _ = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
-                     "run.progress=false", "pipeline.steps=1000", "run.save_every=5", "pipeline.eval_every=0",
-                     wait=False)
-    _until("step 5's checkpoint", lambda: (run / "checkpoints" / "step-00000005").is_dir())
+                     "run.progress=false", f"pipeline.steps={steps}", f"run.save_every={every}",
+                     "pipeline.eval_every=0", wait=False)
+    _until(f"step {every}'s checkpoint", lambda: (run / "checkpoints" / f"step-{every:08d}").is_dir())
+    return env, run, job
+
+
+def test_scancel_batch_checkpoints_the_step_and_exits_cleanly(slurm, artifacts, tmp_path):
+    """SIGTERM to the batch script (what Slurm sends before the time limit with --signal=B:TERM@N) reaches the
+    driver, which finishes its step, checkpoints it and exits 0."""
+    env, run, job = _submit_until_checkpoint(slurm, artifacts, tmp_path, steps=1000, every=5)
     subprocess.run(["scancel", "--batch", "--signal=TERM", str(job)], env=env, check=True)
     _until("the job's end", lambda: _job_gone(env, job), seconds=300)
     log = (tmp_path / "job.out").read_text()
@@ -118,12 +125,7 @@ def test_scancel_batch_checkpoints_the_step_and_exits_cleanly(slurm, artifacts, 
 
 def test_a_requeued_job_resumes_from_its_checkpoint(slurm, artifacts, tmp_path):
     """Requeued (a preemption), the job restarts the script, which finds the run's checkpoint and resumes there."""
-    run = tmp_path / "run"
-    env = {**slurm, "ASYNCOPD_REPO": str(REPO), "ASYNCOPD_RUN_DIR": str(run)}
-    job, _ = _sbatch(env, tmp_path / "job.out", "experiment=cluster_tiny", f"model.artifacts_dir={artifacts}",
-                     "run.progress=false", "pipeline.steps=30", "run.save_every=10", "pipeline.eval_every=0",
-                     wait=False)
-    _until("step 10's checkpoint", lambda: (run / "checkpoints" / "step-00000010").is_dir())
+    env, run, job = _submit_until_checkpoint(slurm, artifacts, tmp_path, steps=30, every=10)
     subprocess.run(["scontrol", "requeue", str(job)], env=env, check=True)
     # a requeued job waits ~2 minutes before it is eligible again: let it start now
     _until("the requeue", lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env,
